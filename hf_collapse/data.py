@@ -1,0 +1,76 @@
+"""Small dataset readers used by the experiments and the CLI (no downloads)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["read_idx", "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_LABELS"]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # `apt-get install -y dataset-fashion-mnist`
+FASHION_MNIST_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+_MEAN, _STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number).")
+    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[data[2]]
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} items, found {arr.size}.")
+    return arr.reshape(shape)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST as `{"pixel_values": (1, 28, 28) float, "labels": int}` items, ready for `Trainer`.
+
+    Args:
+        root: folder with the four IDX files (`train-images-idx3-ubyte[.gz]`, ...).
+        split: `"train"` or `"test"`.
+        limit: keep only the first `limit` examples.
+    """
+
+    def __init__(self, root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train", limit: int | None = None):
+        prefix = {"train": "train", "test": "t10k"}.get(split)
+        if prefix is None:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        root = Path(root)
+
+        def find(stem: str) -> Path:
+            for name in (stem, stem + ".gz"):
+                if (root / name).exists():
+                    return root / name
+            raise FileNotFoundError(
+                f"{root / stem}[.gz] not found. Install Fashion-MNIST with `apt-get install -y dataset-fashion-mnist` "
+                f"(files land in {FASHION_MNIST_DIR}) or pass the folder that holds the IDX files."
+            )
+
+        images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, 28, 28)
+        self.pixel_values = (x - _MEAN) / _STD
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}

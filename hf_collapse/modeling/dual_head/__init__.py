@@ -1,0 +1,17 @@
+"""Dual-head classifiers for Dual-Head Knowledge Distillation."""
+
+from .configuration_dual_head import DualHeadConfig
+from .modeling_dual_head import (
+    DualHeadClassifierOutput,
+    DualHeadForImageClassification,
+    DualHeadForSequenceClassification,
+    DualHeadPreTrainedModel,
+)
+
+__all__ = [
+    "DualHeadConfig",
+    "DualHeadClassifierOutput",
+    "DualHeadPreTrainedModel",
+    "DualHeadForImageClassification",
+    "DualHeadForSequenceClassification",
+]
