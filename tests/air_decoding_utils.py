@@ -1,0 +1,103 @@
+"""Shared helpers for the Air-Decoding tests: tiny in-process models, a word-level tokenizer, a toy dataset and a
+slow float64 reference of the Air-Decoding / weighted-decoding formulas (written from the paper and the official
+code, deliberately in probability space and without any cache)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = (
+    "the a movie film was is great good wonderful fun bad awful boring terrible plot acting story very not and "
+    "i it this loved hated team game won lost market stock price science study found new old"
+).split()
+SPECIALS = ["<eos>", "<pad>", "<unk>"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return tok
+
+
+VOCAB = len(SPECIALS) + len(WORDS)
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = VOCAB, n_layer: int = 2) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=n_layer, n_head=4,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+POSITIVE = ["the movie was great", "i loved this film", "great acting and a wonderful story", "very good fun",
+            "the plot was wonderful", "i loved the acting"]
+NEGATIVE = ["the movie was awful", "i hated this film", "terrible acting and a boring story", "very bad plot",
+            "the story was boring", "i hated the acting"]
+
+
+def toy_dataset(n_repeat: int = 2):
+    from datasets import Dataset
+
+    texts = (POSITIVE + NEGATIVE) * n_repeat
+    attrs = (["positive"] * len(POSITIVE) + ["negative"] * len(NEGATIVE)) * n_repeat
+    return Dataset.from_dict({"text": texts, "attribute": attrs})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# slow reference
+def reference_processed_scores(
+    lm_logits: torch.Tensor,
+    attr_logits_per_step: list[torch.Tensor],
+    generated: list[int],
+    target: int,
+    strength: float,
+    method: str = "air",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Log of q(x) ∝ P_LM(x) · P(c_T | x, history)^λ for ONE row at one step, in plain float64 probability space.
+
+    ``attr_logits_per_step[s]`` are the K attribute logits ``(K, V)`` at generated step ``s`` (0 = right after the
+    prompt), ``generated`` are the tokens chosen at steps ``0 .. s-1``; the last entry of
+    ``attr_logits_per_step`` is the current step. Official code: w_i = -1/log p_i (not normalised);
+    H_i = prod_s w_i(x_s); P(c_T|x) = w_T H_T / sum_i w_i H_i; q ∝ softmax(lm) · P^λ.
+    """
+
+    def weights(logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.double(), dim=-1)
+        if method == "weighted":
+            return p
+        w = -1.0 / torch.log(p)
+        if normalize:
+            w = w / w.sum(-1, keepdim=True)
+        return w
+
+    k = attr_logits_per_step[-1].shape[0]
+    hist = torch.ones(k, dtype=torch.float64)
+    for s, tok in enumerate(generated):
+        hist = hist * weights(attr_logits_per_step[s])[:, tok]
+    w = weights(attr_logits_per_step[-1])  # (K, V)
+    joint = w * hist[:, None]
+    post = joint[target] / joint.sum(0)
+    q = torch.softmax(lm_logits.double(), -1) * post**strength
+    return torch.log(q / q.sum())
+
+
+def manual_prefixed_logits(base, adapter_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``PeftModel.from_pretrained(base, adapter_dir)`` with ``use_cache=False`` (PEFT's own forward)."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(base, adapter_dir)
+    with torch.no_grad():
+        return pm(input_ids=input_ids, use_cache=False).logits
