@@ -34,12 +34,14 @@ REGISTRY: tuple[_Entry, ...] = (
 
 def _available(module_name: str):
     try:
-        return importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         # a component that is not built yet is skipped; a missing dependency inside it is a real error
         if err.name is not None and module_name.startswith(err.name):
             return None
         raise
+    # a folder without __init__.py (namespace package) is a component still being written
+    return module if getattr(module, "__file__", None) else None
 
 
 def register() -> list[str]:
