@@ -1,0 +1,169 @@
+"""Configuration of the state-collapse-robust Mamba-2 (Stuffed Mamba mitigations M1, M2, M3)."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import Mamba2Config
+
+__all__ = ["RobustMamba2Config"]
+
+# fields added to Mamba2Config; every default is a no-op, so a converted mamba2 config behaves exactly like it
+MITIGATION_FIELDS = (
+    "insertion_scale",
+    "decay_scale",
+    "state_norm_max",
+    "state_norm_every",
+    "sliding_window",
+    "max_segment_length",
+)
+
+
+class RobustMamba2Config(Mamba2Config):
+    r"""
+    A [`~transformers.Mamba2Config`] plus the training-free state-collapse mitigations of Chen et al., "Stuffed
+    Mamba" (arXiv 2410.07145). Every extra field defaults to a no-op, so with the defaults the model computes
+    exactly what [`~transformers.Mamba2ForCausalLM`] computes (same weight names too).
+
+    Notation, per layer and head: Δ_t = softplus(dt_t + dt_bias) (clamped to `time_step_limit`), A = −exp(A_log),
+    α_t = exp(Δ_t·A), h_t = α_t·h_{t−1} + Δ_t·B_t x_tᵀ, y_t = C_tᵀ h_t + D·x_t. Positions t are 1-indexed and count
+    every token the model has seen, across segments, chained forward calls and decoding steps.
+
+    insertion_scale (`float`, *optional*, defaults to 1.0):
+        (M1, "remember less") B_t ← insertion_scale · B_t, after the convolution and SiLU. Must be > 0.
+    decay_scale (`float`, *optional*, defaults to 1.0):
+        (M1, "forget more") α_t ← α_t ** decay_scale: the decay exponent Δ_t·A is multiplied by it while the
+        insertion term Δ_t·B_t·x_t is unchanged. Values > 1 forget more. Must be > 0.
+    state_norm_max (`float` or `list[list[float]]`, *optional*):
+        (M2, state normalisation) a cap τ on the Frobenius norm of each head's state, one float for all, or one per
+        (layer, head) with shape (num_hidden_layers, num_heads). After the state update at every position t with
+        `t % state_norm_every == 0`, h_t ← h_t · min(1, τ / ‖h_t‖_F), per batch row, layer and head. The output y_t
+        at that position still reads the state before the cap; the cap acts on the state carried forward.
+        Calibrate it on in-distribution text within the training length with
+        [`~hf_collapse.calibrate_state_norms`].
+    state_norm_every (`int`, *optional*, defaults to 128):
+        (M2) period S, in tokens, of the norm check (the paper's reference code uses 128).
+    sliding_window (`int`, *optional*):
+        (M3, sliding window by state difference) with r = sliding_window, the output at position t reads
+        h_t − exp(A·decay_scale·Σ_{j=b+1..t} Δ_j)·h_b with b = r·max(0, ⌈t/r⌉ − 2), i.e. exactly the contributions of
+        tokens b+1..t: between r+1 and 2r tokens (the window is chunked so only two boundary states are kept). The
+        recurrent state itself stays the full h_t. Cannot be combined with `state_norm_max`, because the state
+        difference needs the linear recurrence that the cap breaks.
+    max_segment_length (`int`, *optional*, defaults to 4096):
+        inputs longer than this are processed in segments of this many tokens (all layers for one segment, then the
+        next) with the state carried over, so memory does not grow with input length except for returned tensors.
+
+    Example:
+
+    ```python
+    >>> from hf_collapse import RobustMamba2Config, RobustMamba2ForCausalLM
+    >>> config = RobustMamba2Config(num_heads=4, head_dim=8, hidden_size=16, state_size=8, n_groups=1,
+    ...                             num_hidden_layers=2, vocab_size=64, decay_scale=1.5, sliding_window=512)
+    >>> model = RobustMamba2ForCausalLM(config)
+    ```
+    """
+
+    model_type = "robust_mamba2"
+
+    # int is accepted too (JSON and CLI users write 1 for 1.0); values are normalised to float in __post_init__
+    insertion_scale: float | int = 1.0
+    decay_scale: float | int = 1.0
+    state_norm_max: float | int | list | None = None
+    state_norm_every: int = 128
+    sliding_window: int | None = None
+    max_segment_length: int = 4096
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_mitigations()
+
+    def check_mitigations(self) -> None:
+        """Raise ``ValueError`` if a mitigation field is invalid; normalise numbers to float.
+
+        Called at construction, and again by the model (fields may be changed after construction, e.g. by
+        ``from_pretrained(..., **kwargs)`` or by ``calibrate_state_norms``).
+        """
+        for name in ("insertion_scale", "decay_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"RobustMamba2Config.{name} must be a finite number > 0 (1.0 = off), got {value!r}.")
+            setattr(self, name, float(value))
+        if (
+            isinstance(self.state_norm_every, bool)
+            or not isinstance(self.state_norm_every, int)
+            or self.state_norm_every < 1
+        ):
+            raise ValueError(f"RobustMamba2Config.state_norm_every must be an int >= 1, got {self.state_norm_every!r}.")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ValueError(
+                f"RobustMamba2Config.sliding_window must be None or an int >= 1, got {self.sliding_window!r}."
+            )
+        if (
+            isinstance(self.max_segment_length, bool)
+            or not isinstance(self.max_segment_length, int)
+            or self.max_segment_length < 1
+        ):
+            raise ValueError(
+                f"RobustMamba2Config.max_segment_length must be an int >= 1, got {self.max_segment_length!r}."
+            )
+        tau = self.state_norm_max
+        if tau is not None:
+            if self.sliding_window is not None:
+                raise ValueError(
+                    "RobustMamba2Config: state_norm_max (M2) cannot be combined with sliding_window (M3): the "
+                    "sliding window subtracts a decayed earlier state, which is only exact for the linear "
+                    "recurrence that the norm cap breaks. Use one of them (M1 combines with either)."
+                )
+            if isinstance(tau, (list, tuple)):
+                shape_ok = len(tau) == self.num_hidden_layers and all(
+                    isinstance(row, (list, tuple)) and len(row) == self.num_heads for row in tau
+                )
+                if not shape_ok:
+                    got = [len(row) if isinstance(row, (list, tuple)) else type(row).__name__ for row in tau]
+                    raise ValueError(
+                        "RobustMamba2Config.state_norm_max must be one float or a list of shape (num_hidden_layers, "
+                        f"num_heads) = ({self.num_hidden_layers}, {self.num_heads}); got {len(tau)} rows of lengths {got}."
+                    )
+                values = [v for row in tau for v in row]
+            else:
+                values = [tau]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise ValueError(f"RobustMamba2Config.state_norm_max values must be finite numbers > 0, got {v!r}.")
+            self.state_norm_max = (
+                [[float(v) for v in row] for row in tau] if isinstance(tau, (list, tuple)) else float(tau)
+            )
+
+    @property
+    def has_mitigations(self) -> bool:
+        """Whether any of M1, M2, M3 changes the computation."""
+        return (
+            self.insertion_scale != 1.0
+            or self.decay_scale != 1.0
+            or self.state_norm_max is not None
+            or self.sliding_window is not None
+        )
+
+    def state_norm_caps(self, layer_idx: int) -> list[float] | None:
+        """The M2 caps τ of one layer, one per head, or None when M2 is off."""
+        tau = self.state_norm_max
+        if tau is None:
+            return None
+        if isinstance(tau, list):
+            return list(tau[layer_idx])
+        return [tau] * self.num_heads
+
+    @classmethod
+    def from_mamba2_config(cls, mamba2_config, **mitigation_kwargs) -> RobustMamba2Config:
+        """A ``RobustMamba2Config`` with every field of a transformers ``Mamba2Config`` plus the given mitigations."""
+        unknown = set(mitigation_kwargs) - set(MITIGATION_FIELDS)
+        if unknown:
+            raise TypeError(
+                f"Unknown mitigation field(s) {sorted(unknown)}; expected some of {list(MITIGATION_FIELDS)}"
+            )
+        fields = mamba2_config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", *MITIGATION_FIELDS):
+            fields.pop(key, None)
+        return cls(**fields, **mitigation_kwargs)
