@@ -1,0 +1,191 @@
+"""Air-Decoding (Zhong et al., EMNLP 2023) as a ``LogitsProcessor`` for ``generate()``.
+
+Per step, with p_i the next-token distribution of the prefix-conditional LM for attribute i:
+
+* reconstruction weight ``w_i(x) = -1 / log p_i(x)`` (official code: not normalised over the vocabulary;
+  ``normalize=True`` divides by ``sum_x w_i(x)``, the form the paper's text gives);
+* history ``H_i = prod_s w_i(x_s)`` over the *generated* tokens only;
+* posterior ``P(c_T | x, history) = w_T(x) H_T / sum_i w_i(x) H_i`` (uniform prior);
+* result ``log_softmax(scores) + strength * log P(c_T | x, history)``, i.e. q ∝ P_LM · P(c_T|·)^λ.
+
+Everything is computed in **log space, in float64**: ``log w = -log(-log p)`` with ``-log p`` clamped into
+``[1e-300, 1e300]``, a running sum of log w for the history, and a logsumexp over attributes. The official fp32
+code underflows at large λ and divides by ``log p = 0``; this form has neither fault at any λ.
+
+``WeightedDecodingLogitsProcessor`` is the same with log p_i instead of log w_i: the baseline that shows attribute
+collapse.
+
+The processor holds its own attribute model, cache and mask (a ``LogitsProcessor`` sees neither the attention mask
+nor the model outputs), like transformers' ``UnbatchedClassifierFreeGuidanceLogitsProcessor``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import LogitsProcessor
+
+from .attribute_prefix_model import AttributePrefixModel
+
+# -log p is clamped into [_NLP_MIN, _NLP_MAX] so log w stays finite (about ±690.8) at p == 1 and p == 0
+_NLP_MIN = 1e-300
+_NLP_MAX = 1e300
+# weighted decoding: log p clamped from below so that a token impossible under every attribute gives 0/0 -> finite
+_LOGP_MIN = -1e4
+
+
+class AirDecodingLogitsProcessor(LogitsProcessor):
+    """Steer ``generate()`` toward ``target`` with Air-Decoding.
+
+    Args:
+        attribute_model: an ``AttributePrefixModel`` (its vocabulary must match the generating model's).
+        target: the attribute to steer toward; one of ``attribute_model.attributes``.
+        strength: λ >= 0 (official: 140 sentiment, 60 topic, 120 detox). Any finite value up to 1e6 is safe.
+        prompt_attention_mask: the prompt's attention mask ``(batch, prompt_len)`` (needed with left padding).
+            Rows are repeated to match ``num_return_sequences`` / ``num_beams``.
+        normalize: normalise each reconstructed w_i over the vocabulary first (the paper's text). Default False
+            is the official code's formula.
+
+    One instance serves one ``generate()`` call; call ``reset()`` before reusing it.
+    Works with greedy, sampling (``do_sample=True, top_k=200`` reproduces the official order, since custom
+    processors run before the warpers), batches with left padding, ``num_return_sequences`` and beam search
+    (reordered rows are detected by matching each row's history and the cache is reordered).
+    """
+
+    method = "air-decoding"
+
+    def __init__(
+        self,
+        attribute_model: AttributePrefixModel,
+        target: str,
+        strength: float,
+        prompt_attention_mask: torch.Tensor | None = None,
+        normalize: bool = False,
+    ):
+        if not hasattr(attribute_model, "attributes") or not hasattr(attribute_model, "start"):
+            raise TypeError("attribute_model must be an AttributePrefixModel")
+        if target not in attribute_model.attributes:
+            raise ValueError(f"unknown target attribute {target!r}; valid attributes: {attribute_model.attributes}")
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"strength must be a number, got {strength!r}") from err
+        if not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"strength must be finite and >= 0, got {strength}")
+        if prompt_attention_mask is not None and prompt_attention_mask.dim() != 2:
+            raise ValueError(f"prompt_attention_mask must be 2-D (batch, prompt_len), got {tuple(prompt_attention_mask.shape)}")
+        self.attribute_model = attribute_model
+        self.target = target
+        self.target_index = attribute_model.attributes.index(target)
+        self.strength = strength
+        self.prompt_attention_mask = prompt_attention_mask
+        self.normalize = bool(normalize)
+        self.reorders = 0  # number of beam reorderings seen (diagnostics, tests)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous ``generate()`` call so the instance can serve another one."""
+        self._ids: torch.Tensor | None = None
+        self._history: torch.Tensor | None = None  # (K, B) running sum of log w at generated tokens
+        self._last_log_w: torch.Tensor | None = None  # (K, B, V) log w of the previous step
+        self.attribute_model.reset()
+
+    # ------------------------------------------------------------------ the formula
+    def _log_weights(self, log_p: torch.Tensor) -> torch.Tensor:
+        """log w_i = -log(-log p_i), float64, finite everywhere; optionally normalised over the vocabulary."""
+        nlp = (-log_p).clamp(min=_NLP_MIN, max=_NLP_MAX)
+        log_w = -torch.log(nlp)
+        if self.normalize:
+            log_w = log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)
+        return log_w
+
+    def log_posterior(self, attribute_logits: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log P(c_T | x, history) (B, V), log w (K, B, V))`` from attribute logits ``(K, B, V)``."""
+        logits = torch.nan_to_num(attribute_logits.double(), nan=-math.inf, posinf=torch.finfo(torch.float64).max)
+        log_p = torch.log_softmax(_safe_rows(logits), dim=-1)
+        log_w = self._log_weights(log_p)
+        joint = log_w + history[:, :, None]
+        return joint[self.target_index] - torch.logsumexp(joint, dim=0), log_w
+
+    # ------------------------------------------------------------------ generate() hook
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        am = self.attribute_model
+        if scores.shape[-1] != am.vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: the generating model gives {scores.shape[-1]} logits, the attribute model "
+                f"{am.vocab_size}; Air-Decoding needs one shared vocabulary"
+            )
+        b = input_ids.shape[0]
+        if self._ids is None:
+            attr_logits = am.start(input_ids, self._expand_mask(input_ids))
+            self._history = torch.zeros(am.num_attributes, b, dtype=torch.float64, device=am.device)
+        else:
+            attr_logits = self._advance(input_ids)
+        self._ids = input_ids.detach().clone()
+        log_post, self._last_log_w = self.log_posterior(attr_logits, self._history)
+        lm = torch.nan_to_num(scores.double(), nan=-math.inf, posinf=torch.finfo(torch.float64).max)
+        out = torch.log_softmax(_safe_rows(lm), dim=-1) + self.strength * log_post.to(lm.device)
+        return out.to(scores.dtype)
+
+    def _expand_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        mask = self.prompt_attention_mask
+        if mask is None:
+            return None
+        b, t = input_ids.shape
+        if mask.shape[1] != t or mask.shape[0] == 0 or b % mask.shape[0] != 0:
+            raise ValueError(
+                f"prompt_attention_mask has shape {tuple(mask.shape)} but generate() started with input_ids of shape "
+                f"{(b, t)}; pass the prompt's own attention mask (rows may be repeated for num_return_sequences/beams)"
+            )
+        return mask.repeat_interleave(b // mask.shape[0], dim=0)
+
+    def _advance(self, input_ids: torch.Tensor) -> torch.Tensor:
+        prev = self._ids
+        assert prev is not None and self._history is not None and self._last_log_w is not None
+        b, t = input_ids.shape
+        if b != prev.shape[0] or t != prev.shape[1] + 1:
+            raise ValueError(
+                "this AirDecodingLogitsProcessor already served another generate() call (or batch); call reset() "
+                "before reusing it, or create a new one"
+            )
+        parents = input_ids[:, :-1].to(prev.device)
+        if not torch.equal(parents, prev):
+            # beam search reordered rows: find, for each row, a previous row with the same history
+            same = (parents[:, None, :] == prev[None, :, :]).all(-1)  # (B new, B old)
+            if not bool(same.any(-1).all()):
+                raise ValueError(
+                    "input_ids do not continue the previous call's sequences: this processor already served "
+                    "another generate() call; call reset() before reusing it"
+                )
+            rows = same.float().argmax(-1)
+            self.attribute_model.reorder(rows)
+            dev = self._history.device
+            self._history = self._history[:, rows.to(dev)]
+            self._last_log_w = self._last_log_w[:, rows.to(dev)]
+            self.reorders += 1
+        tok = input_ids[:, -1].to(self._history.device)
+        self._history = self._history + self._last_log_w.gather(-1, tok.view(1, -1, 1).expand(self._history.shape[0], -1, 1)).squeeze(-1)
+        return self.attribute_model.step(tok)
+
+
+class WeightedDecodingLogitsProcessor(AirDecodingLogitsProcessor):
+    """Naive weighted decoding: the Air-Decoding formula with log p_i in place of log w_i.
+
+    q ∝ P_LM · (p_T H_T / sum_i p_i H_i)^λ with H_i = prod_s p_i(x_s). This is the baseline that collapses
+    (unreadable text) once λ passes a critical value. ``normalize`` has no effect (p_i is already normalised).
+    """
+
+    method = "weighted-decoding"
+
+    def _log_weights(self, log_p: torch.Tensor) -> torch.Tensor:
+        return log_p.clamp(min=_LOGP_MIN)
+
+
+def _safe_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows with no finite entry become all zeros (uniform) so log_softmax never yields NaN."""
+    bad = ~torch.isfinite(x).any(-1, keepdim=True)
+    if bool(bad.any()):
+        x = torch.where(bad, torch.zeros_like(x), x)
+    return x
