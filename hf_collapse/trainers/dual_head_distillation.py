@@ -184,8 +184,13 @@ class DualHeadDistillationTrainer(Trainer):
             loss, conflict = self._aligned_surrogate(model, prob_part, distill_part, loss)
             terms["grad_conflict"] = conflict
         split = "train" if model.training else "eval"
-        for name, value in terms.items():
-            self._loss_terms[split][name].append(float(value.detach()))
+        if terms:
+            names = list(terms)
+            values = torch.stack([terms[n].detach().float() for n in names])
+            # under DDP every rank sees its own shard: log the mean over ranks, as the Trainer does for `loss`
+            values = self.accelerator.gather(values[None]).mean(0) if self.accelerator.num_processes > 1 else values
+            for name, value in zip(names, values.tolist()):
+                self._loss_terms[split][name].append(value)
         if return_outputs:
             return loss, outputs
         return loss
