@@ -28,23 +28,55 @@ VOCAB = len(SPECIALS) + len(WORDS)
 
 def tiny_gpt2(seed: int = 0, vocab_size: int = VOCAB, n_layer: int = 2) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=n_layer, n_head=4,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=128,
+        n_embd=32,
+        n_layer=n_layer,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # deterministic training steps
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
-POSITIVE = ["the movie was great", "i loved this film", "great acting and a wonderful story", "very good fun",
-            "the plot was wonderful", "i loved the acting"]
-NEGATIVE = ["the movie was awful", "i hated this film", "terrible acting and a boring story", "very bad plot",
-            "the story was boring", "i hated the acting"]
+POSITIVE = [
+    "the movie was great",
+    "i loved this film",
+    "great acting and a wonderful story",
+    "very good fun",
+    "the plot was wonderful",
+    "i loved the acting",
+]
+NEGATIVE = [
+    "the movie was awful",
+    "i hated this film",
+    "terrible acting and a boring story",
+    "very bad plot",
+    "the story was boring",
+    "i hated the acting",
+]
 
 
 def toy_dataset(n_repeat: int = 2):
@@ -112,8 +144,13 @@ def make_checkpoint(base, path, attributes=("positive", "negative"), num_virtual
         save_attribute_prefixes,
     )
 
-    args = AttributePrefixConfig(output_dir=str(path), attributes=list(attributes),
-                                 num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=16, use_cpu=True)
+    args = AttributePrefixConfig(
+        output_dir=str(path),
+        attributes=list(attributes),
+        num_virtual_tokens=num_virtual_tokens,
+        encoder_hidden_size=16,
+        use_cpu=True,
+    )
     torch.manual_seed(seed)
     lm = AttributePrefixLM(base, list(attributes), _peft_prefix_config(base, args))
     save_attribute_prefixes(lm, path)

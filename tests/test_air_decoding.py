@@ -76,8 +76,9 @@ def test_incremental_steps_and_left_padding_match_full_forward(setup, request):
 
 
 # ----------------------------------------------------------------------------------------------- reference checks
-def _check_against_reference(out, prompt, prompt_mask, base, ckpt, attributes, target, strength, method, normalize,
-                             n_ret=1):
+def _check_against_reference(
+    out, prompt, prompt_mask, base, ckpt, attributes, target, strength, method, normalize, n_ret=1
+):
     """Recompute every processed step of every returned row with the slow float64 reference."""
     t0 = prompt.shape[1]
     seqs = out.sequences
@@ -85,21 +86,32 @@ def _check_against_reference(out, prompt, prompt_mask, base, ckpt, attributes, t
     for r in range(seqs.shape[0]):
         real = seqs[r, :t0][prompt_mask[r].bool()]
         gen = seqs[r, t0:].tolist()
-        per_attr = [manual_prefixed_logits(base, str(ckpt / a), torch.cat([real, seqs[r, t0:]])[None])[0]
-                    for a in attributes]
+        per_attr = [
+            manual_prefixed_logits(base, str(ckpt / a), torch.cat([real, seqs[r, t0:]])[None])[0] for a in attributes
+        ]
         attr_steps = [torch.stack([pa[len(real) - 1 + s] for pa in per_attr]) for s in range(len(gen))]
         for s in range(len(gen)):
-            ref = reference_processed_scores(out.logits[s][r], attr_steps[: s + 1], gen[:s], target, strength,
-                                             method, normalize)
+            ref = reference_processed_scores(
+                out.logits[s][r], attr_steps[: s + 1], gen[:s], target, strength, method, normalize
+            )
             ours = torch.log_softmax(out.scores[s][r].double(), -1)
             ok = ref > -600  # beyond that the reference's P^λ itself underflows in float64
             torch.testing.assert_close(ours[ok], ref[ok], atol=2e-3, rtol=1e-4)
 
 
 def _generate(model, proc, prompt, mask, **kw):
-    return model.generate(input_ids=prompt, attention_mask=mask, logits_processor=LogitsProcessorList([proc]),
-                          max_new_tokens=5, output_scores=True, output_logits=True, return_dict_in_generate=True,
-                          pad_token_id=1, eos_token_id=None, **kw)
+    return model.generate(
+        input_ids=prompt,
+        attention_mask=mask,
+        logits_processor=LogitsProcessorList([proc]),
+        max_new_tokens=5,
+        output_scores=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=1,
+        eos_token_id=None,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize(
@@ -141,8 +153,15 @@ def test_beam_search_reorders_history(gpt2_setup):
     base, ckpt, am = gpt2_setup
     prompt = _ids("the movie")
     proc = AirDecodingLogitsProcessor(am, "positive", 10.0)
-    out = base.generate(input_ids=prompt, logits_processor=LogitsProcessorList([proc]), max_new_tokens=6, num_beams=3,
-                        do_sample=False, pad_token_id=1, eos_token_id=None)
+    out = base.generate(
+        input_ids=prompt,
+        logits_processor=LogitsProcessorList([proc]),
+        max_new_tokens=6,
+        num_beams=3,
+        do_sample=False,
+        pad_token_id=1,
+        eos_token_id=None,
+    )
     assert out.shape == (1, 8)
     assert proc.reorders > 0
     # the processor's final state (rows = beams) must equal the reference history of each beam's own tokens
@@ -163,8 +182,9 @@ def test_llama_generation_with_smaller_attribute_model(llama_setup):
     generator = tiny_gpt2(seed=3, n_layer=3)  # a different, larger model; same vocabulary
     prompt = _ids("the movie")
     proc = AirDecodingLogitsProcessor(am, "positive", 140.0)
-    out = generator.generate(input_ids=prompt, logits_processor=[proc], max_new_tokens=4, do_sample=True, top_k=20,
-                             pad_token_id=1)
+    out = generator.generate(
+        input_ids=prompt, logits_processor=[proc], max_new_tokens=4, do_sample=True, top_k=20, pad_token_id=1
+    )
     assert prompt.shape[1] < out.shape[1] <= prompt.shape[1] + 4
     assert proc._ids is not None and proc._ids.shape[1] == out.shape[1] - 1  # ran on every step
 

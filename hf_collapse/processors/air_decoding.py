@@ -74,7 +74,9 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
         if not math.isfinite(strength) or strength < 0:
             raise ValueError(f"strength must be finite and >= 0, got {strength}")
         if prompt_attention_mask is not None and prompt_attention_mask.dim() != 2:
-            raise ValueError(f"prompt_attention_mask must be 2-D (batch, prompt_len), got {tuple(prompt_attention_mask.shape)}")
+            raise ValueError(
+                f"prompt_attention_mask must be 2-D (batch, prompt_len), got {tuple(prompt_attention_mask.shape)}"
+            )
         self.attribute_model = attribute_model
         self.target = target
         self.target_index = attribute_model.attributes.index(target)
@@ -166,7 +168,9 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
             self._last_log_w = self._last_log_w[:, rows.to(dev)]
             self.reorders += 1
         tok = input_ids[:, -1].to(self._history.device)
-        self._history = self._history + self._last_log_w.gather(-1, tok.view(1, -1, 1).expand(self._history.shape[0], -1, 1)).squeeze(-1)
+        self._history = self._history + self._last_log_w.gather(
+            -1, tok.view(1, -1, 1).expand(self._history.shape[0], -1, 1)
+        ).squeeze(-1)
         return self.attribute_model.step(tok)
 
 

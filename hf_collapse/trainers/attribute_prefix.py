@@ -168,7 +168,13 @@ class _Collator:
         labels = ids.masked_fill(mask == 0, -100)
         shift = torch.cat([labels[:, 1:], labels.new_full((len(features), 1), -100)], dim=1)
         attr = torch.as_tensor([f["attribute_ids"] for f in features], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "attribute_ids": attr, "labels": labels, "shift_labels": shift}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "attribute_ids": attr,
+            "labels": labels,
+            "shift_labels": shift,
+        }
 
 
 class AttributePrefixTrainer(Trainer):
@@ -283,7 +289,9 @@ class AttributePrefixTrainer(Trainer):
         inputs.pop("labels", None)
         out = model(**inputs)
         logits = out.logits.float()
-        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=-100, reduction="sum")
+        nll = F.cross_entropy(
+            logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=-100, reduction="sum"
+        )
         if num_items_in_batch is not None:
             # normalised over the whole accumulated (and, with average_tokens_across_devices, global) batch
             loss = nll / num_items_in_batch
@@ -351,6 +359,7 @@ def _write_model_card(out: Path, attributes: list[str], base_model: str | None, 
         "```\n\n"
         "Each sub-folder is a plain PEFT adapter: `PeftModel.from_pretrained(base, dir/<attribute>)`."
     )
-    card = ModelCard.from_template(data, model_id=f"air-decoding-prefixes-{'-'.join(attributes)}",
-                                   model_description=description)
+    card = ModelCard.from_template(
+        data, model_id=f"air-decoding-prefixes-{'-'.join(attributes)}", model_description=description
+    )
     card.save(str(out / "README.md"))
