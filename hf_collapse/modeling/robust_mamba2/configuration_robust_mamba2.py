@@ -156,6 +156,16 @@ class RobustMamba2Config(Mamba2Config):
         return [tau] * self.num_heads
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers, but a transformers ``mamba2`` checkpoint's config is converted (model_type rewritten), so
+        ``RobustMamba2ForCausalLM.from_pretrained(mamba2_dir, **mitigations)`` loads it without a type warning."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "mamba2":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+            config_dict.pop("architectures", None)
+        return config_dict, kwargs
+
+    @classmethod
     def from_mamba2_config(cls, mamba2_config, **mitigation_kwargs) -> RobustMamba2Config:
         """A ``RobustMamba2Config`` with every field of a transformers ``Mamba2Config`` plus the given mitigations."""
         unknown = set(mitigation_kwargs) - set(MITIGATION_FIELDS)

@@ -28,7 +28,6 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.mamba2 import modeling_mamba2 as _m2
 from transformers.models.mamba2.modeling_mamba2 import (
     Mamba2Block,
-    Mamba2ForCausalLM,
     Mamba2Mixer,
     Mamba2PreTrainedModel,
     Mamba2RMSNorm,
@@ -280,6 +279,9 @@ class RobustMamba2Mixer(Mamba2Mixer):
         gate, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
 
         decode = seq_len == 1 and ssm_state is not None
+        if decode and torch.is_grad_enabled():
+            # the one-token steps update the states in place; keep the autograd graph of earlier segments valid
+            conv_state, ssm_state = conv_state.clone(), ssm_state.clone()
         torch_steps = not self.force_kernel_functions and _is_torch_fallback(_m2.mamba2_selective_state_update)
 
         # 2. depthwise causal conv, carrying the last conv_kernel inputs
@@ -646,7 +648,29 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
         if isinstance(model_kwargs.get("cache"), DynamicCache):
             RobustMamba2Cache.ensure(model_kwargs["cache"])
 
-    prepare_inputs_for_generation = Mamba2ForCausalLM.prepare_inputs_for_generation
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        inputs_embeds=None,
+        use_cache=None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        # as Mamba2ForCausalLM: after the prefill, a decoding token needs no padding mask
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache=cache,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if use_cache and not is_first_iteration:
+            model_inputs["attention_mask"] = None
+        return model_inputs
 
     def forward(
         self,

@@ -1,0 +1,396 @@
+"""RobustMamba2: parity with transformers' Mamba2ForCausalLM, mitigations vs a float64 reference, loading, helpers.
+
+Three modes are checked everywhere: one forward over the whole input, segmented forward (small
+``max_segment_length`` and chained calls through ``cache=``), and token-by-token decoding with the cache.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reference_mamba2 import reference_logits
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Mamba2Config, Mamba2ForCausalLM
+
+import hf_collapse
+from hf_collapse import (
+    RobustMamba2Config,
+    RobustMamba2ForCausalLM,
+    RobustMamba2Model,
+    calibrate_state_norms,
+    convert_mamba_ssm_checkpoint,
+    recommended_training_length,
+)
+from hf_collapse.modeling.robust_mamba2 import RobustMamba2Cache
+from hf_collapse.modeling.robust_mamba2.modeling_robust_mamba2 import RobustMamba2Mixer
+
+torch.set_num_threads(1)
+
+# n_groups > 1, a length that is not a multiple of chunk_size, and chunks short enough to have several
+TINY = dict(
+    num_heads=4,
+    head_dim=8,
+    hidden_size=16,
+    state_size=8,
+    n_groups=2,
+    num_hidden_layers=2,
+    vocab_size=50,
+    chunk_size=8,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+T = 37
+SPLITS = [0, 3, 11, 12, 30, T]  # chained calls: odd sizes, one single-token call in the middle
+PREFILL = 5
+TOL = 1e-4
+
+
+def _ids(batch=2, length=T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=g)
+
+
+def _robust(**mitigations):
+    torch.manual_seed(0)
+    return RobustMamba2ForCausalLM(RobustMamba2Config(**TINY, **mitigations)).eval()
+
+
+@torch.no_grad()
+def _single(model, ids):
+    return model(ids, use_cache=True).logits
+
+
+@torch.no_grad()
+def _segmented(model, ids):
+    """Internal segments of 7 tokens, then chained calls through the cache; both must agree with the reference."""
+    saved = model.config.max_segment_length
+    model.config.max_segment_length = 7
+    try:
+        internal = model(ids).logits
+    finally:
+        model.config.max_segment_length = saved
+    cache, parts = None, []
+    for a, e in zip(SPLITS[:-1], SPLITS[1:]):
+        out = model(ids[:, a:e], cache=cache, use_cache=True)
+        cache = out.cache
+        parts.append(out.logits)
+    return internal, torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def _decoded(model, ids):
+    out = model(ids[:, :PREFILL], use_cache=True)
+    cache, parts = out.cache, [out.logits]
+    for t in range(PREFILL, ids.shape[1]):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        parts.append(out.logits)
+    return torch.cat(parts, dim=1)
+
+
+def _all_modes(model, ids):
+    internal, chained = _segmented(model, ids)
+    return {"single": _single(model, ids), "segmented": internal, "chained": chained, "decoding": _decoded(model, ids)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parity with transformers (mitigations off)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_parity_with_transformers_all_modes():
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(**TINY)).eval()
+    ours = RobustMamba2ForCausalLM.from_mamba2(hf)
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(ids).logits
+        hf_cache_out = hf(ids[:, :PREFILL], use_cache=True)
+        hf_steps = [hf_cache_out.logits]
+        for t in range(PREFILL, T):
+            hf_steps.append(hf(ids[:, t : t + 1], cache=hf_cache_out.cache, use_cache=True).logits)
+        assert torch.allclose(torch.cat(hf_steps, 1), expected, atol=TOL)  # transformers agrees with itself
+        assert torch.allclose(ours(ids).logits, expected, atol=TOL)  # the no-cache path (transformers' own)
+    for mode, logits in _all_modes(ours, ids).items():
+        assert logits.shape == expected.shape, mode
+        assert (logits - expected).abs().max() < TOL, mode
+
+
+def test_weight_names_identical_to_mamba2():
+    hf = Mamba2ForCausalLM(Mamba2Config(**TINY))
+    assert list(hf.state_dict()) == list(_robust().state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mitigations vs the float64 reference
+# ----------------------------------------------------------------------------------------------------------------
+
+MITIGATIONS = {
+    "M1-insertion": dict(insertion_scale=0.4),
+    "M1-decay": dict(decay_scale=3.0),
+    "M2": dict(state_norm_max=0.002, state_norm_every=5),
+    "M2-per-head": dict(state_norm_max=[[0.001, 0.002, 1e3, 0.0005], [0.0005, 0.001, 0.0002, 1e3]], state_norm_every=4),
+    "M3": dict(sliding_window=6),
+    "M1+M2": dict(insertion_scale=0.6, decay_scale=1.5, state_norm_max=0.001, state_norm_every=5),
+    "M1+M3": dict(insertion_scale=0.6, decay_scale=1.5, sliding_window=5),
+}
+
+
+@pytest.mark.parametrize("name", list(MITIGATIONS))
+def test_mitigation_matches_reference_in_all_modes(name):
+    model = _robust(**MITIGATIONS[name])
+    ids = _ids()
+    expected = reference_logits(model, ids).float()
+    baseline = reference_logits(_robust(), ids).float()
+    # the mitigation must actually change the computation, by far more than the tolerance
+    assert (expected - baseline).abs().max() > 20 * TOL, name
+    for mode, logits in _all_modes(model, ids).items():
+        assert (logits - expected).abs().max() < TOL, (name, mode)
+
+
+@pytest.mark.parametrize("name", ["M2", "M1+M3"])
+def test_decoding_through_transformers_kernel_functions(name, monkeypatch):
+    """On GPU decoding goes through mamba2_selective_state_update / causal_conv1d_update; same result on CPU."""
+    monkeypatch.setattr(RobustMamba2Mixer, "force_kernel_functions", True)
+    model = _robust(**MITIGATIONS[name])
+    ids = _ids()
+    assert (_decoded(model, ids) - reference_logits(model, ids).float()).abs().max() < TOL
+
+
+def test_padding_mask_matches_transformers():
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(**TINY)).eval()
+    ours = RobustMamba2ForCausalLM.from_mamba2(hf)
+    ids = _ids(length=12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        a = hf(ids, attention_mask=mask, use_cache=True).logits
+        b = ours(ids, attention_mask=mask, use_cache=True).logits
+    assert (a - b).abs().max() < TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(insertion_scale=0.0), "insertion_scale"),
+        (dict(insertion_scale=-1.0), "insertion_scale"),
+        (dict(decay_scale=0), "decay_scale"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(state_norm_max=[[1.0, 1.0]]), "shape"),
+        (dict(state_norm_max=[[1.0] * 4] * 3), "shape"),
+        (dict(state_norm_max=-2.0), "state_norm_max"),
+        (dict(state_norm_max=1.0, sliding_window=8), "cannot be combined"),
+        (dict(state_norm_every=0), "state_norm_every"),
+        (dict(max_segment_length=0), "max_segment_length"),
+    ],
+)
+def test_bad_config_raises(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RobustMamba2Config(**TINY, **bad)
+
+
+def test_bad_fields_set_after_construction_are_caught_by_the_model():
+    config = RobustMamba2Config(**TINY)
+    config.sliding_window = -3
+    with pytest.raises(ValueError, match="sliding_window"):
+        RobustMamba2ForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading and conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_from_pretrained_transformers_mamba2_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(**TINY)).eval()
+    hf.save_pretrained(tmp_path / "mamba2")
+    ours = RobustMamba2ForCausalLM.from_pretrained(tmp_path / "mamba2", sliding_window=6).eval()
+    assert ours.config.model_type == "robust_mamba2" and ours.config.sliding_window == 6
+    ids = _ids()
+    assert (_single(ours, ids) - reference_logits(ours, ids).float()).abs().max() < TOL
+    plain = RobustMamba2ForCausalLM.from_pretrained(tmp_path / "mamba2").eval()
+    with torch.no_grad():
+        assert (plain(ids, use_cache=True).logits - hf(ids).logits).abs().max() < TOL
+    # round trip through the Auto classes as a robust_mamba2 checkpoint
+    ours.save_pretrained(tmp_path / "robust")
+    saved = json.loads((tmp_path / "robust" / "config.json").read_text())
+    assert saved["model_type"] == "robust_mamba2" and saved["sliding_window"] == 6
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "robust"), RobustMamba2Config)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "robust").eval()
+    assert isinstance(auto, RobustMamba2ForCausalLM)
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, ours(ids).logits)
+
+
+def test_from_mamba2_rejects_unknown_fields():
+    with pytest.raises(TypeError, match="Unknown mitigation"):
+        RobustMamba2ForCausalLM.from_mamba2(Mamba2ForCausalLM(Mamba2Config(**TINY)), window=3)
+
+
+def test_convert_mamba_ssm_checkpoint(tmp_path):
+    """A small checkpoint in the state-spaces format: tied embeddings, padded vocabulary, backbone.embedding.*."""
+    src = tmp_path / "mamba2-tiny-ssm"
+    src.mkdir()
+    ssm_config = {
+        "d_model": 16,
+        "d_intermediate": 0,
+        "n_layer": 2,
+        "vocab_size": 45,  # padded to 48 by pad_vocab_size_multiple
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8},
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": 16,
+        "tie_embeddings": True,
+    }
+    (src / "config.json").write_text(json.dumps(ssm_config))
+    torch.manual_seed(0)
+    reference = Mamba2ForCausalLM(
+        Mamba2Config(
+            hidden_size=16, num_hidden_layers=2, vocab_size=48, state_size=8, head_dim=8, num_heads=4,
+            n_groups=1, chunk_size=8, tie_word_embeddings=True,
+        )
+    ).eval()  # fmt: skip
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in reference.state_dict().items()}
+    state.pop("lm_head.weight")  # tied: mamba_ssm checkpoints store the embedding only
+    torch.save(state, src / "pytorch_model.bin")
+
+    convert_mamba_ssm_checkpoint(src, tmp_path / "converted")
+    assert (tmp_path / "converted" / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    assert isinstance(model, RobustMamba2ForCausalLM)
+    assert model.config.n_groups == 1 and model.config.vocab_size == 48
+    ids = _ids(length=20)
+    with torch.no_grad():
+        assert (model(ids, use_cache=True).logits - reference(ids).logits).abs().max() < TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# long inputs: logits_to_keep, per-segment loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_logits_to_keep_and_segmented_loss_match_full_computation():
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(**TINY)).eval()
+    ours = RobustMamba2ForCausalLM.from_mamba2(hf, max_segment_length=6)
+    ids = _ids()
+    labels = ids.clone()
+    labels[0, 10:14] = -100
+    with torch.no_grad():
+        full = hf(ids, labels=labels)
+        last = ours(ids, labels=labels, logits_to_keep=1)
+        picked = ours(ids, logits_to_keep=torch.tensor([0, 6, 7, 36]))
+    assert last.logits.shape == (2, 1, TINY["vocab_size"])
+    assert (last.logits[:, 0] - full.logits[:, -1]).abs().max() < TOL
+    assert abs(last.loss.item() - full.loss.item()) < 1e-5
+    assert (picked.logits - full.logits[:, [0, 6, 7, 36]]).abs().max() < TOL
+
+
+def test_training_backward_through_segments_and_mitigations():
+    model = _robust(insertion_scale=0.5, sliding_window=6, max_segment_length=9).train()
+    ids = _ids()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert model.backbone.layers[0].mixer.A_log.grad is not None
+    assert torch.isfinite(out.loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate()
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_greedy_matches_transformers():
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(**TINY)).eval()
+    ours = RobustMamba2ForCausalLM.from_mamba2(hf)
+    ids = _ids(length=9)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), hf.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("name", ["M2", "M1+M3"])
+def test_generate_with_mitigation_consistent_with_full_forward(name):
+    """Greedy decoding with the cache equals re-running the whole sequence each step (use_cache=False)."""
+    model = _robust(**MITIGATIONS[name])
+    ids = _ids(length=9)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, **kw)
+    without = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
+    # and the generated tokens are the reference model's argmax
+    ref = reference_logits(model, with_cache[:, :-1]).argmax(-1)[:, ids.shape[1] - 1 :]
+    assert torch.equal(ref, with_cache[:, ids.shape[1] :])
+
+
+def test_generate_sampling_batch_and_num_return_sequences():
+    model = _robust(sliding_window=4, decay_scale=1.2)
+    ids = _ids(batch=2, length=6)
+    torch.manual_seed(3)
+    out = model.generate(ids, max_new_tokens=5, do_sample=True, top_k=10, num_return_sequences=3, pad_token_id=0)
+    assert out.shape == (6, 11)
+    assert torch.equal(out[:3, :6], ids[:1].expand(3, -1)) and torch.equal(out[3:, :6], ids[1:].expand(3, -1))
+    beams = model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    assert beams.shape == (2, 10)
+
+
+def test_plain_dynamic_cache_is_upgraded():
+    model = _robust(state_norm_max=0.02, state_norm_every=5)
+    ids = _ids()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        a = model(ids[:, :20], cache=cache, use_cache=True).logits
+        b = model(ids[:, 20:], cache=cache, use_cache=True).logits
+    assert isinstance(cache.layers[0], hf_collapse.modeling.robust_mamba2.RobustMamba2CacheLayer)
+    assert cache.layers[0].seen_tokens == T
+    assert (torch.cat([a, b], 1) - reference_logits(model, ids).float()).abs().max() < TOL
+    assert isinstance(RobustMamba2Cache(config=model.config).layers[1], type(cache.layers[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_calibrate_state_norms():
+    model = _robust(state_norm_every=5)
+    ids = _ids(length=30)
+    caps = calibrate_state_norms(model, ids, margin=1.0)
+    assert len(caps) == TINY["num_hidden_layers"] and all(len(row) == TINY["num_heads"] for row in caps)
+    assert model.config.state_norm_max is None  # not written unless asked
+    with torch.no_grad():
+        uncapped = model(ids).logits
+    calibrate_state_norms(model, ids, margin=1.0, write_to_config=True)
+    assert model.config.state_norm_max == caps
+    with torch.no_grad():
+        # the caps are the maxima seen at exactly the positions M2 checks, so on the same text nothing is cut
+        assert (model(ids).logits - uncapped).abs().max() < TOL
+    calibrate_state_norms(model, ids, margin=0.3, write_to_config=True)
+    with torch.no_grad():
+        assert (model(ids).logits - uncapped).abs().max() > 50 * TOL
+
+
+def test_recommended_training_length():
+    # mamba2-130m shape: 24 layers x 24 heads x 64 x 128 = 4.72M state elements -> 5.172*4.72 - 4.469 = 19.9K tokens
+    config = RobustMamba2Config(hidden_size=768, num_hidden_layers=24, num_heads=24, head_dim=64, state_size=128)
+    assert recommended_training_length(config) == round((5.172 * 24 * 24 * 64 * 128 / 1e6 - 4.469) * 1000)
+    assert 19_000 < recommended_training_length(config) < 21_000
+    assert recommended_training_length(RobustMamba2Config(**TINY)) == 0
+
+
+def test_public_api_and_auto_registration():
+    assert hf_collapse.RobustMamba2Model is RobustMamba2Model
+    assert "robust_mamba2" in hf_collapse.register()
+    model = AutoModelForCausalLM.from_config(RobustMamba2Config(**TINY))
+    assert isinstance(model, RobustMamba2ForCausalLM) and model.can_generate()
