@@ -22,13 +22,23 @@ class _Command:
 
 COMMANDS: dict[str, _Command] = {
     "demo": _Command("Show all three fixes on real bundled checkpoints.", None),
-    "generate": _Command("Generate text with Air-Decoding attribute control.", None),
-    "train-prefixes": _Command("Train one attribute prefix per attribute (Air-Decoding PC-LMs).", None),
+    "generate": _Command(
+        "Generate text with Air-Decoding attribute control.", "hf_collapse.processors.cli:generate_main"
+    ),
+    "train-prefixes": _Command(
+        "Train one attribute prefix per attribute (Air-Decoding PC-LMs).",
+        "hf_collapse.processors.cli:train_prefixes_main",
+    ),
     "distill": _Command(
         "Distil a teacher into a dual-head student (DHKD and its baselines).", "hf_collapse.trainers.cli:distill_main"
     ),
-    "passkey": _Command("Passkey-retrieval grid (length x depth) for a causal LM.", None),
-    "position-loss": _Command("Per-position loss and state-norm statistics over long input.", None),
+    "passkey": _Command(
+        "Passkey-retrieval grid (length x depth) for a causal LM.", "hf_collapse.evals.passkey:passkey_main"
+    ),
+    "position-loss": _Command(
+        "Per-position loss and state-norm statistics over long input.",
+        "hf_collapse.evals.position_loss:position_loss_main",
+    ),
 }
 
 

@@ -203,3 +203,55 @@ def test_torchrun_two_processes_save_one_checkpoint(tmp_path):
         "training_args.bin",
     ]
     AttributePrefixModel.from_pretrained(tiny_gpt2(), ckpt)
+
+
+def test_cli_train_prefixes_then_generate(tmp_path, capsys):
+    from hf_collapse.cli import main
+
+    model_dir = tmp_path / "lm"
+    tiny_gpt2().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    toy_dataset().to_json(str(data))
+    out = tmp_path / "prefixes"
+    rc = main(
+        [
+            "train-prefixes",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--attributes",
+            "positive,negative",
+            "--output",
+            str(out),
+            "--num-virtual-tokens",
+            "4",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+        ]
+    )
+    assert rc == 0 and (out / "attribute_prefixes.json").is_file()
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prefixes",
+            str(out),
+            "--attribute",
+            "positive",
+            "--strength",
+            "140",
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "the movie",
+        ]
+    )
+    assert rc == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("the movie")]
+    assert len(lines) == 2
