@@ -204,7 +204,7 @@ class DualHeadPreTrainedModel(PreTrainedModel):
         cfg = self.config.backbone_config.__class__.from_dict(self.config.backbone_config.to_dict())
         cfg.num_labels = self.config.num_labels
         cfg.id2label = dict(self.config.id2label)
-        cfg.label2id = dict(self.config.label2id)
+        cfg.label2id = {v: k for k, v in cfg.id2label.items()}
         single = target_cls(cfg).to(self.dtype)
         missing, _ = single.base_model.load_state_dict(self.backbone.state_dict(), strict=False)
         if missing:
