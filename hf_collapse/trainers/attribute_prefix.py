@@ -58,6 +58,13 @@ class AttributePrefixConfig(TrainingArguments):
     text_column: str = field(default="text", metadata={"help": "Dataset column holding the text."})
     attribute_column: str = field(default="attribute", metadata={"help": "Dataset column holding the attribute."})
     max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens (incl. the EOS)."})
+    start_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token put before every text. None: the tokenizer's eos token, as the official code does "
+            "('[eos] + text'); use the same token before prompts at generation time."
+        },
+    )
     init_text: str | None = field(
         default="The following text is",
         metadata={
@@ -213,10 +220,8 @@ class AttributePrefixTrainer(Trainer):
             if args.init_text is not None:
                 self._init_from_text(prefix_lm, processing_class, args.init_text)
         tok = processing_class
-        self._eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
-        if self._eos_id is None:
-            raise ValueError("the tokenizer has neither an eos nor a bos token to start each text with")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self._eos_id
+        start_id = self._start_token_id(tok, args)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else start_id
         train_dataset = self._tokenize(train_dataset, tok, args) if train_dataset is not None else None
         eval_dataset = self._tokenize(eval_dataset, tok, args) if eval_dataset is not None else None
         kwargs.setdefault("data_collator", _Collator(pad))
@@ -231,7 +236,19 @@ class AttributePrefixTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     @staticmethod
-    def _tokenize(dataset, tok, args: AttributePrefixConfig):
+    def _start_token_id(tok, args: AttributePrefixConfig) -> int:
+        if args.start_token is not None:
+            start = tok.convert_tokens_to_ids(args.start_token)
+            if start is None or start == tok.unk_token_id:
+                raise ValueError(f"start_token {args.start_token!r} is not a single token of this tokenizer")
+            return start
+        start = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has neither an eos nor a bos token to start each text with")
+        return start
+
+    @classmethod
+    def _tokenize(cls, dataset, tok, args: AttributePrefixConfig):
         cols = set(dataset.column_names)
         for c in (args.text_column, args.attribute_column):
             if c not in cols:
@@ -244,7 +261,7 @@ class AttributePrefixTrainer(Trainer):
                 f"{args.attributes}"
             )
         index = {a: i for i, a in enumerate(args.attributes)}
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+        eos = cls._start_token_id(tok, args)
 
         def encode(batch):
             ids = tok(batch[args.text_column], add_special_tokens=False)["input_ids"]
