@@ -1,0 +1,1 @@
+"""Local evaluate metric module; load with evaluate.load(<this folder>)."""
