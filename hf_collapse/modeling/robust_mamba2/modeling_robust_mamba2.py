@@ -193,16 +193,19 @@ def _conv_update_torch(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
 def _ssm_update_torch(state, x, dt, A, B, C, D):
     """One SSM step in place. state (b,h,p,n) fp32; x (b,h,p); dt (b,h) already softplus-ed; A (h,); B, C (b,g,n).
 
-    Same recurrence as ``mamba2_selective_state_update`` but with the decay exp(Δ·A) computed once per head
-    (b, h) instead of once per state element (b, h, p, n)."""
-    batch, heads, _ = x.shape
+    Same recurrence as ``mamba2_selective_state_update``, but the decay exp(Δ·A) is computed once per head (b, h)
+    instead of per state element, and the state is touched in three passes (decay, rank-1 insertion, readout)."""
+    batch, heads, head_dim = x.shape
+    n = B.shape[-1]
     rep = heads // B.shape[1]
-    Bh = B.float().repeat_interleave(rep, dim=1)  # (b, h, n)
-    Ch = C.float().repeat_interleave(rep, dim=1)  # (b, h, n)
+    Bh = B.float().repeat_interleave(rep, dim=1).reshape(batch * heads, 1, n)
+    Ch = C.float().repeat_interleave(rep, dim=1).reshape(batch * heads, n, 1)
     dA = torch.exp(dt.float() * A.float())  # (b, h)
-    dBx = (dt.float()[..., None] * x.float())[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
-    state.mul_(dA[..., None, None]).add_(dBx)
-    y = torch.einsum("bhpn,bhn->bhp", state, Ch) + D.float()[:, None] * x.float()
+    u = (dt.float()[..., None] * x.float()).reshape(batch * heads, head_dim, 1)  # Δ·x
+    flat = state.view(batch * heads, head_dim, n)
+    flat.mul_(dA.reshape(-1, 1, 1))
+    flat.baddbmm_(u, Bh)  # h += (Δ·x) Bᵀ
+    y = torch.bmm(flat, Ch).view(batch, heads, head_dim) + D.float()[:, None] * x.float()
     return y.to(x.dtype)
 
 
@@ -425,6 +428,8 @@ class RobustMamba2Mixer(Mamba2Mixer):
         Bg = B.view(batch, self.n_groups, self.ssm_state_size)
         Cg = C.view(batch, self.n_groups, self.ssm_state_size)
         d = delta[:, 0]  # (b, h)
+        if not h.is_contiguous():
+            h = h.contiguous()  # a scan's final state can be a strided slice; the in-place step needs a dense one
         if torch_steps:
             y = _ssm_update_torch(h, x, d, A, Bg, Cg, self.D)
         else:
