@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     # dual-head KD
     "DualHeadConfig": "hf_collapse.modeling.dual_head",
     "DualHeadPreTrainedModel": "hf_collapse.modeling.dual_head",
+    "DualHeadModel": "hf_collapse.modeling.dual_head",
     "DualHeadForImageClassification": "hf_collapse.modeling.dual_head",
     "DualHeadForSequenceClassification": "hf_collapse.modeling.dual_head",
     "DualHeadClassifierOutput": "hf_collapse.modeling.dual_head",

@@ -20,6 +20,7 @@ REGISTRY: tuple[_Entry, ...] = (
         "hf_collapse.modeling.dual_head",
         "DualHeadConfig",
         (
+            ("AutoModel", "DualHeadModel"),
             ("AutoModelForImageClassification", "DualHeadForImageClassification"),
             ("AutoModelForSequenceClassification", "DualHeadForSequenceClassification"),
         ),

@@ -5,6 +5,7 @@ from .modeling_dual_head import (
     DualHeadClassifierOutput,
     DualHeadForImageClassification,
     DualHeadForSequenceClassification,
+    DualHeadModel,
     DualHeadPreTrainedModel,
 )
 
@@ -12,6 +13,7 @@ __all__ = [
     "DualHeadConfig",
     "DualHeadClassifierOutput",
     "DualHeadPreTrainedModel",
+    "DualHeadModel",
     "DualHeadForImageClassification",
     "DualHeadForSequenceClassification",
 ]

@@ -21,13 +21,16 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from ..checkpoint_utils import SafeCheckpointMixin
 from .configuration_dual_head import DualHeadConfig
 
 __all__ = [
     "DualHeadClassifierOutput",
     "DualHeadPreTrainedModel",
+    "DualHeadModel",
     "DualHeadForImageClassification",
     "DualHeadForSequenceClassification",
 ]
@@ -63,23 +66,32 @@ def _build_aux_head(config: DualHeadConfig, d: int) -> nn.Module:
     )
 
 
-class DualHeadPreTrainedModel(PreTrainedModel):
-    """Shared code of the dual-head classifiers: backbone, pooling, the two heads, `to_single_head`."""
+class DualHeadPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
+    """Shared code: the backbone, pooling, weight init, safe save/load with a model card."""
 
     config_class = DualHeadConfig
     base_model_prefix = "backbone"
     supports_gradient_checkpointing = True
+    model_card_kind = "dual_head_classifier"
 
     def __init__(self, config: DualHeadConfig) -> None:
         super().__init__(config)
         if config.backbone_config is None:
             raise ValueError("DualHeadConfig.backbone_config is required to build a dual-head classifier.")
         self.backbone = AutoModel.from_config(config.backbone_config)
-        d = config.get_feature_size()
-        self.classifier = nn.Linear(d, config.num_labels)
-        self.aux_classifier = _build_aux_head(config, d)
         self._backbone_args = set(inspect.signature(self.backbone.forward).parameters)
+        self._build_heads(config)
         self.post_init()
+
+    def _build_heads(self, config: DualHeadConfig) -> None:
+        """Classifier subclasses add their heads here."""
+
+    def model_card_facts(self) -> dict[str, Any]:
+        return {
+            "model_id": self.config.name_or_path or "dual-head-classifier",
+            "aux_head": self.config.aux_head,
+            "pipeline_tag": "image-classification" if self.main_input_name == "pixel_values" else "text-classification",
+        }
 
     def _init_weights(self, module: nn.Module) -> None:
         # The heads keep PyTorch's default init (the official code's), not the 0.02-normal of transformer LMs.
@@ -118,28 +130,10 @@ class DualHeadPreTrainedModel(PreTrainedModel):
                 return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         raise ValueError(f"pooling={mode!r} does not apply to a backbone output of shape {tuple(hidden.shape)}.")
 
-    def _heads(
-        self,
-        backbone_outputs: Any,
-        attention_mask: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        return_dict: bool | None,
-    ) -> DualHeadClassifierOutput | tuple:
-        pooled = self._pool(backbone_outputs, attention_mask)  # (B, d)
-        logits = self.classifier(pooled)  # (B, C)
-        aux_logits = self.aux_classifier(pooled)  # (B, C)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels.view(-1))
-        hidden_states = getattr(backbone_outputs, "hidden_states", None)
-        out = DualHeadClassifierOutput(loss=loss, logits=logits, aux_logits=aux_logits, hidden_states=hidden_states)
-        return out if return_dict is not False else out.to_tuple()
-
     def _run_backbone(self, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in self._backbone_args}
         return self.backbone(**kwargs, return_dict=True)
 
-    # --------------------------------------------------------------------------------------------- builders
     @classmethod
     def from_backbone(
         cls,
@@ -148,7 +142,7 @@ class DualHeadPreTrainedModel(PreTrainedModel):
         aux_head: str = "mlp",
         **config_kwargs: Any,
     ) -> DualHeadPreTrainedModel:
-        """Build a dual-head classifier around a backbone.
+        """Build a dual-head model around a backbone.
 
         Args:
             backbone_or_path: a pretrained transformers model (its base model is used, e.g. the `ResNetModel` inside a
@@ -171,10 +165,57 @@ class DualHeadPreTrainedModel(PreTrainedModel):
         bc = backbone.config.__class__.from_dict(backbone.config.to_dict())
         config = DualHeadConfig(backbone_config=bc, num_labels=num_labels, aux_head=aux_head, **config_kwargs)
         model = cls(config)
-        missing, unexpected = model.backbone.load_state_dict(backbone.state_dict(), strict=False)
+        missing, _ = model.backbone.load_state_dict(backbone.state_dict(), strict=False)
         if missing:
             raise ValueError(f"from_backbone: backbone weights missing after load: {missing[:5]} ...")
         return model.to(next(backbone.parameters()).dtype)
+
+
+class DualHeadModel(DualHeadPreTrainedModel):
+    """The backbone and its pooling, without heads (registered with `AutoModel`).
+
+    Returns `BaseModelOutputWithPooling` whose `pooler_output` `(B, d)` is the feature both heads read.
+    """
+
+    def __init__(self, config: DualHeadConfig) -> None:
+        super().__init__(config)
+        self.main_input_name = self.backbone.main_input_name
+
+    def forward(self, return_dict: bool | None = None, **inputs: Any) -> BaseModelOutputWithPooling | tuple:
+        outputs = self._run_backbone(**inputs)
+        pooled = self._pool(outputs, inputs.get("attention_mask"))
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=outputs[0], pooler_output=pooled, hidden_states=getattr(outputs, "hidden_states", None)
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class _DualHeadClassifier(DualHeadPreTrainedModel):
+    """Both heads, their outputs and `to_single_head`."""
+
+    _task = ""
+
+    def _build_heads(self, config: DualHeadConfig) -> None:
+        d = config.get_feature_size()
+        self.classifier = nn.Linear(d, config.num_labels)
+        self.aux_classifier = _build_aux_head(config, d)
+
+    def _heads(
+        self,
+        backbone_outputs: Any,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        return_dict: bool | None,
+    ) -> DualHeadClassifierOutput | tuple:
+        pooled = self._pool(backbone_outputs, attention_mask)  # (B, d)
+        logits = self.classifier(pooled)  # (B, C)
+        aux_logits = self.aux_classifier(pooled)  # (B, C)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels.view(-1))
+        hidden_states = getattr(backbone_outputs, "hidden_states", None)
+        out = DualHeadClassifierOutput(loss=loss, logits=logits, aux_logits=aux_logits, hidden_states=hidden_states)
+        return out if return_dict is not False else out.to_tuple()
 
     def to_single_head(self) -> PreTrainedModel:
         """A plain transformers classifier with the backbone and the *main* head, giving identical logits.
@@ -222,7 +263,7 @@ _SINGLE_HEAD: dict[tuple[str, str], tuple[str, tuple[str, ...], str]] = {
 }
 
 
-class DualHeadForImageClassification(DualHeadPreTrainedModel):
+class DualHeadForImageClassification(_DualHeadClassifier):
     """Dual-head image classifier (registered with `AutoModelForImageClassification`)."""
 
     main_input_name = "pixel_values"
@@ -241,7 +282,7 @@ class DualHeadForImageClassification(DualHeadPreTrainedModel):
         return self._heads(outputs, None, labels, return_dict)
 
 
-class DualHeadForSequenceClassification(DualHeadPreTrainedModel):
+class DualHeadForSequenceClassification(_DualHeadClassifier):
     """Dual-head text classifier (registered with `AutoModelForSequenceClassification`)."""
 
     main_input_name = "input_ids"

@@ -1,0 +1,159 @@
+"""Hub distribution: model cards, remote-code export without hf-collapse, safe save/load, push (HTTP mocked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import ResNetConfig
+
+from hf_collapse import DualHeadForImageClassification
+from hf_collapse.hub import CARD_KINDS, export_for_hub, make_model_card, push
+from hf_collapse.modeling.checkpoint_utils import CorruptCheckpointError
+
+
+def tiny_model():
+    cfg = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    return DualHeadForImageClassification.from_backbone(cfg, num_labels=3).eval()
+
+
+@pytest.mark.parametrize("kind", sorted(CARD_KINDS))
+def test_model_card_round_trips_with_required_yaml(kind, tmp_path):
+    card = make_model_card(
+        kind, model_id="m", base_model="org/base", datasets=["fashion_mnist"], metrics=["accuracy"],
+        eval_results=[{"task_type": "image-classification", "dataset_type": "fashion_mnist",
+                       "dataset_name": "Fashion-MNIST", "metric_type": "accuracy", "metric_value": 0.9}],
+        results_table="| a | b |\n|---|---|\n| 1 | 2 |",
+    )  # fmt: skip
+    card.save(tmp_path / "README.md")
+    data = ModelCard.load(tmp_path / "README.md").data.to_dict()
+    for key in ("library_name", "tags", "base_model", "datasets", "metrics", "pipeline_tag", "license", "model-index"):
+        assert key in data, key
+    assert data["library_name"] == "hf-collapse" and "hf-collapse" in data["tags"]
+    assert data["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.9
+    text = (tmp_path / "README.md").read_text()
+    assert "pip install hf-collapse" in text and "import hf_collapse" in text and "| 1 | 2 |" in text
+    assert "@" in text and "Limitations" in text  # citation and limitations sections
+
+
+def test_unknown_card_kind():
+    with pytest.raises(ValueError, match="unknown model card kind"):
+        make_model_card("nope")
+
+
+def test_save_pretrained_writes_card_and_safetensors_only(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "README.md" in files and "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert ModelCard.load(tmp_path / "ckpt" / "README.md").data.library_name == "hf-collapse"
+    with pytest.raises(ValueError, match="safetensors"):
+        model.save_pretrained(tmp_path / "x", safe_serialization=False)
+
+
+def test_truncated_weights_raise_error_naming_file(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors.*corrupt"):
+        DualHeadForImageClassification.from_pretrained(tmp_path)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CorruptCheckpointError, match="corrupt"):
+        DualHeadForImageClassification.from_pretrained(tmp_path)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = tiny_model()
+    target = tmp_path / "ckpt"
+    model.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    import transformers.modeling_utils as mu
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:  # a half-written weight file, then the process is interrupted
+            f.write(b"\x00" * 100)
+        raise KeyboardInterrupt("killed while writing weights")
+
+    monkeypatch.setattr(mu, "safe_save_file", boom)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    after = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
+
+
+def test_export_for_hub_loads_without_hf_collapse(tmp_path):
+    model = tiny_model()
+    out = export_for_hub(model, tmp_path / "export")
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+    assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(auto_map)
+    for py in out.glob("*.py"):
+        src = py.read_text()
+        assert "hf_collapse" not in src.split("try:")[0] or py.name == "checkpoint_utils.py"
+        assert "from .." not in src
+    x = torch.randn(2, 1, 28, 28)
+    torch.save({"x": x, "logits": model(pixel_values=x).logits.detach()}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_collapse"] = None  # make `import hf_collapse` impossible
+        import torch
+        from transformers import AutoModel, AutoModelForImageClassification
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        m = AutoModelForImageClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert "transformers_modules" in type(m).__module__, type(m).__module__
+        torch.testing.assert_close(m(pixel_values=io["x"]).logits, io["logits"])
+        base = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "DualHeadModel"
+        print("REMOTE_OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+    assert "REMOTE_OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_push_uploads_folder_through_http_layer(tmp_path, monkeypatch):
+    httpx = pytest.importorskip("httpx2")
+    from huggingface_hub.utils import _http
+
+    calls = []
+
+    def handler(request):
+        calls.append((request.method, request.url.path, request.content))
+        path = request.url.path
+        if path.endswith("/repos/create"):
+            return httpx.Response(200, json={"url": "https://huggingface.co/me/m", "name": "me/m", "id": "1"})
+        if path.endswith("/validate-yaml"):
+            return httpx.Response(200, json={"errors": [], "warnings": []})
+        if "/preupload/" in path:
+            files = json.loads(request.content)["files"]
+            return httpx.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})  # fmt: skip
+        if "/commit/" in path:
+            return httpx.Response(200, json={"commitUrl": "https://huggingface.co/me/m/commit/" + "b" * 40,
+                                             "commitOid": "b" * 40, "pullRequestUrl": None})  # fmt: skip
+        return httpx.Response(200, json={})
+
+    _http.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
+    _http.close_session()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    try:
+        tiny_model().save_pretrained(tmp_path / "ckpt")
+        url = push(tmp_path / "ckpt", "me/m", token="hf_fake")
+    finally:
+        _http.set_client_factory(_http.default_client_factory)
+        _http.close_session()
+    assert "commit" in url
+    commit = [c for c in calls if "/commit/" in c[1]]
+    assert len(commit) == 1 and b"model.safetensors" in commit[0][2] and b"README.md" in commit[0][2]
+    (tmp_path / "ckpt" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="safetensors only"):
+        push(tmp_path / "ckpt", "me/m", token="hf_fake")
