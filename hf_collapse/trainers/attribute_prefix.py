@@ -238,10 +238,10 @@ class AttributePrefixTrainer(Trainer):
     @staticmethod
     def _start_token_id(tok, args: AttributePrefixConfig) -> int:
         if args.start_token is not None:
-            start = tok.convert_tokens_to_ids(args.start_token)
-            if start is None or start == tok.unk_token_id:
+            vocab = tok.get_vocab()
+            if args.start_token not in vocab:
                 raise ValueError(f"start_token {args.start_token!r} is not a single token of this tokenizer")
-            return start
+            return vocab[args.start_token]
         start = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
         if start is None:
             raise ValueError("the tokenizer has neither an eos nor a bos token to start each text with")
