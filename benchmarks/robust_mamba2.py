@@ -112,7 +112,9 @@ def _memory_child(which: str, length: int) -> None:
 
 
 def _memory_run(which: str, length: int, threads: int, limit_gb: float) -> dict:
-    env = {**os.environ, "BENCH_THREADS": str(threads)}
+    # A fixed mmap threshold makes glibc return freed tensors >= 1 MiB to the OS at once, so the peak RSS follows the
+    # live tensors; with the default dynamic threshold, heap fragmentation adds a few tens of MB that vary run to run.
+    env = {**os.environ, "BENCH_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     cmd = [sys.executable, __file__, "--memory-child", which, str(length)]
 
     def limit():  # an address-space cap so a runaway baseline fails instead of taking the machine
