@@ -354,77 +354,128 @@ class RobustMamba2Mixer(Mamba2Mixer):
         factor = torch.clamp(caps[None, :] / norm.clamp_min(1e-30), max=1.0)
         return h * factor[..., None, None].to(h.dtype)
 
-    def _window_correction(self, C, delta_cum, A, h_b):
-        """M3 term exp(A·ΣΔ)·(C_tᵀ h_b) for positions sharing one boundary b.
+    def _state_readout(self, C, delta_cum, A, h0):
+        """exp(A·ΣΔ)·(C_tᵀ h0): what a state h0 held before a run of positions contributes to their outputs.
 
-        C (b, l, g·n), delta_cum (b, l, h) = Σ_{j=b+1..t} Δ_j, h_b (b, h, p, n) -> (b, l, h, p)."""
+        C (b, l, g·n), delta_cum (b, l, h) = Σ Δ from the start of the run to t, h0 (b, h, p, n) -> (b, l, h, p).
+        Used for the carried state of a sub-segment scanned from zero, and (with a minus sign) for M3's h_b."""
         batch, length = C.shape[:2]
         C = C.float().view(batch, length, self.n_groups, self.ssm_state_size)
-        h_b = h_b.view(batch, self.n_groups, self.num_heads // self.n_groups, self.head_dim, self.ssm_state_size)
-        # (b,l,g,n) x (b,g,k,p,n) -> (b,l,g,k,p): C_tᵀ h_b for every head k of group g
-        ch = torch.einsum("blgn,bgkpn->blgkp", C, h_b).reshape(batch, length, self.num_heads, self.head_dim)
+        h0 = h0.float().view(batch, self.n_groups, self.num_heads // self.n_groups, self.head_dim, self.ssm_state_size)
+        # (b,l,g,n) x (b,g,k,p,n) -> (b,l,g,k,p): C_tᵀ h0 for every head k of group g
+        ch = torch.einsum("blgn,bgkpn->blgkp", C, h0).reshape(batch, length, self.num_heads, self.head_dim)
         return torch.exp(A[None, None, :] * delta_cum)[..., None] * ch
+
+    def _scan(self, x, delta, A, B, C, initial_states, torch_scan):
+        """One ``mamba2_chunk_scan`` call. x (b,l,h,p), delta (b,l,h), B, C (b,l,g,n) -> y (b,l,h,p), h (b,h,p,n)."""
+        chunk = self.chunk_size
+        if torch_scan:
+            # PyTorch scan only (fused kernels keep the configured chunk): its intra-chunk work grows with the chunk
+            # size, and it pads to a multiple of it, so a short chunk is faster on CPU (measured: 64 is ~2x faster
+            # than 256 at 4K tokens for mamba2-130m shapes). The result is the same up to rounding.
+            chunk = min(chunk, TORCH_SCAN_CHUNK, 1 << (x.shape[1] - 1).bit_length())
+        return _m2.mamba2_chunk_scan(
+            x,
+            delta,
+            A,
+            B,
+            C,
+            chunk_size=chunk,
+            D=self.D,
+            z=None,
+            dt_bias=None,
+            dt_softplus=False,
+            initial_states=initial_states,
+            dt_limit=self.time_step_limit,
+            return_final_states=True,
+        )
 
     def _scan_segment(self, x, B, C, delta, A, h, layer, mit, t0):
         """Prefill or continuation of ``l`` tokens at positions t0+1..t0+l through ``mamba2_chunk_scan``.
 
-        The segment is cut where the carried state is changed by a mitigation (multiples of the M2 period or of the
-        M3 window), so each cut is a plain scan with ``initial_states`` and ``return_final_states``."""
+        Without M2/M3 this is one scan from the carried state. With them, the carried state changes outside the
+        linear recurrence at multiples of the period (M2 caps it, M3 stores it as a window boundary), so the segment
+        is cut there into pieces, and:
+        1. every piece is scanned from a zero state (the pieces of exactly one period in one batched call, so the
+           number of scan calls does not grow with the segment length);
+        2. the true state at each cut is rebuilt in order, h_end = exp(A·ΣΔ_piece)·h_start + s_piece, and capped
+           or stored there;
+        3. each piece's output gets what its true start state contributes, exp(A·ΣΔ)·C_tᵀ·h_start (for M3 the
+           start state minus the decayed h_b, which is the window subtraction).
+        By linearity of the scan within a piece this is exactly the recurrence with the mitigation."""
         batch, seq_len, _ = x.shape
+        H, P, N = self.num_heads, self.head_dim, self.ssm_state_size
         torch_scan = not self.force_kernel_functions and _is_torch_fallback(_m2.mamba2_chunk_scan)
+        x4 = x.view(batch, seq_len, H, P)
+        B4 = B.view(batch, seq_len, self.n_groups, N)
+        C4 = C.view(batch, seq_len, self.n_groups, N)
         period = mit.period
-        cuts = [0]
-        if period is not None:
-            first = (t0 // period + 1) * period - t0  # local end of the first sub-segment
-            cuts += list(range(first, seq_len, period))
-        cuts.append(seq_len)
-        x = x.view(batch, seq_len, self.num_heads, self.head_dim)
-        B = B.view(batch, seq_len, self.n_groups, self.ssm_state_size)
-        Cg = C.view(batch, seq_len, self.n_groups, self.ssm_state_size)
-        outputs = []
-        for a, e in zip(cuts[:-1], cuts[1:]):
-            if e <= a:
-                continue
-            length = e - a
-            chunk = self.chunk_size
-            if torch_scan:
-                # PyTorch scan only (fused kernels keep the configured chunk): its intra-chunk work grows with the
-                # chunk size, and it pads to a multiple of it, so a short chunk is faster on CPU (measured: 64 is
-                # ~2x faster than 256 at 4K tokens for mamba2-130m shapes). The result is the same up to rounding.
-                chunk = min(chunk, TORCH_SCAN_CHUNK, 1 << (length - 1).bit_length())
-            y, h = _m2.mamba2_chunk_scan(
-                x[:, a:e],
-                delta[:, a:e],
-                A,
-                B[:, a:e],
-                Cg[:, a:e],
-                chunk_size=chunk,
-                D=self.D,
-                z=None,
-                dt_bias=None,
-                dt_softplus=False,
-                initial_states=h,
-                dt_limit=self.time_step_limit,
-                return_final_states=True,
-            )  # y (b, length, h, p); h (b, h, p, n)
-            if mit.window is not None:
-                d_seg = delta[:, a:e].float()
-                cum = torch.cumsum(d_seg, dim=1)
-                y = y - self._window_correction(C[:, a:e], layer.delta_sum_old[:, None] + cum, A, layer.window_old).to(
-                    y.dtype
+        if period is None:
+            y, h = self._scan(x4, delta, A, B4, C4, h, torch_scan)
+            # the scan's final state is a view into all its chunk states; keep only the state itself
+            return y, h.clone()
+
+        first = (t0 // period + 1) * period - t0  # local end of the first piece
+        cuts = sorted({0, seq_len, *range(first, seq_len, period)})
+        pieces = list(zip(cuts[:-1], cuts[1:]))
+        full = [i for i, (a, e) in enumerate(pieces) if e - a == period]
+        batched = len(full) > 1  # whole periods are consecutive pieces
+
+        def fold(t):  # (b, k·period, ...) -> (k·b, period, ...), piece-major
+            a0, e1 = pieces[full[0]][0], pieces[full[-1]][1]
+            t = t[:, a0:e1]
+            return t.reshape(batch, len(full), period, *t.shape[2:]).transpose(0, 1).reshape(-1, period, *t.shape[2:])
+
+        # 1. local scans from a zero state
+        local_y, local_s = {}, {}
+        for i, (a, e) in enumerate(pieces):
+            if not (batched and i in full):
+                local_y[i], local_s[i] = self._scan(
+                    x4[:, a:e], delta[:, a:e], A, B4[:, a:e], C4[:, a:e], None, torch_scan
                 )
+        if batched:
+            yb, sb = self._scan(fold(x4), fold(delta), A, fold(B4), fold(C4), None, torch_scan)
+            sb = sb.reshape(len(full), batch, H, P, N)
+            for j, i in enumerate(full):
+                local_s[i] = sb[j]
+
+        # 2. true states at the cuts, in order (cheap: one state update per piece)
+        state = h.float() if h is not None else x.new_zeros(batch, H, P, N, dtype=torch.float32)
+        starts, cums = [], []
+        for i, (a, e) in enumerate(pieces):
+            cum = torch.cumsum(delta[:, a:e].float(), dim=1)  # (b, l, h): Σ Δ from the piece start
+            start = state
+            if mit.window is not None:
+                # M3: outputs read h_t − exp(A·Σ_{b+1..t}Δ)·h_b; over this piece that is a fixed start state
+                start = state - torch.exp(A * layer.delta_sum_old)[..., None, None] * layer.window_old
                 layer.delta_sum_old = layer.delta_sum_old + cum[:, -1]
                 layer.delta_sum_new = layer.delta_sum_new + cum[:, -1]
-            t_end = t0 + e
-            if period is not None and t_end % period == 0:
+            starts.append(start)
+            cums.append(cum)
+            state = torch.exp(A * cum[:, -1])[..., None, None] * state + local_s[i].float()
+            if (t0 + e) % period == 0:
                 if mit.caps is not None:
-                    h = self._cap(h, mit.caps)
+                    state = self._cap(state, mit.caps)
                 if mit.window is not None:
-                    self._rotate_window(layer, h)
-            outputs.append(y)
+                    self._rotate_window(layer, state)
+
+        # 3. outputs: local output + the start state's contribution
+        outputs = []
+        for i, (a, e) in enumerate(pieces):
+            if batched and i == full[0]:
+                k = len(full)
+                readout = self._state_readout(
+                    fold(C),
+                    torch.stack([cums[j] for j in full]).reshape(k * batch, period, H),
+                    A,
+                    torch.stack([starts[j] for j in full]).reshape(k * batch, H, P, N),
+                )
+                y = (yb + readout.to(yb.dtype)).view(k, batch, period, H, P).transpose(0, 1).reshape(batch, -1, H, P)
+                outputs.append(y)
+            elif not (batched and i in full):
+                outputs.append(local_y[i] + self._state_readout(C[:, a:e], cums[i], A, starts[i]).to(local_y[i].dtype))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        # the scan's final state is a view into all its chunk states; keep only the state itself
-        return y, h.clone()
+        return y, state.to(local_s[0].dtype)
 
     @staticmethod
     def _rotate_window(layer, h):
@@ -461,7 +512,7 @@ class RobustMamba2Mixer(Mamba2Mixer):
         if mit.window is not None:
             layer.delta_sum_old = layer.delta_sum_old + d.float()
             layer.delta_sum_new = layer.delta_sum_new + d.float()
-            y = y - self._window_correction(C, layer.delta_sum_old[:, None], A, layer.window_old).to(y.dtype)
+            y = y - self._state_readout(C, layer.delta_sum_old[:, None], A, layer.window_old).to(y.dtype)
         period = mit.period
         if period is not None and t % period == 0:
             if mit.caps is not None:
