@@ -174,6 +174,7 @@ def train_prefixes(task: str, data: Path, a) -> None:
         output_dir=str(WORK / f"run_{task}"),
         attributes=TASKS[task]["attributes"],
         num_virtual_tokens=20,
+        prefix_projection=a.prefix_projection,
         init_text="The following text is",
         start_token=START,
         max_length=a.max_length,
@@ -201,6 +202,7 @@ def train_prefixes(task: str, data: Path, a) -> None:
         "steps": a.steps,
         "batch_size": a.batch_size,
         "lr": a.lr,
+        "prefix_projection": a.prefix_projection,
         "train_seconds": round(time.time() - t0, 1),
         "loss_first": log[0]["loss"] if log else None,
         "loss_last": log[-1]["loss"] if log else None,
@@ -358,6 +360,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument(
+        "--prefix-projection",
+        type=int,
+        default=0,
+        help="1: PEFT's MLP reparameterisation (diverged here at lr 5e-3); 0: train the K/V directly",
+    )
     ap.add_argument("--per-attribute", type=int, default=5000)
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--length", type=int, default=30)
