@@ -6,6 +6,8 @@ Data: Fashion-MNIST IDX files from the Debian package `dataset-fashion-mnist` (n
 Command (the one that produced docs/dual_head_kd.md):
 
     python examples/dual_head_kd/run_experiment.py --out runs/dual_head_kd --seeds 0 1 2 --epochs 3 --threads 1
+    python examples/dual_head_kd/run_experiment.py --out runs/dual_head_kd --seeds 0 1 2 --epochs 3 --threads 1 \
+        --variants ce kd logit naive dhkd dhkd+ga "naive a=5" "dhkd a=5"
 
 It trains the teacher once (a ResNet, ~0.7M parameters), then every (mode, seed) student (a ResNet with ~25k
 parameters and two heads), through `hf-collapse distill`'s own code path. Finished runs are skipped on restart.
@@ -29,6 +31,9 @@ VARIANTS = [  # (label, DualHeadDistillationConfig overrides)
     ("naive", {"mode": "naive", "alpha": 1.0, "temperature": 2.0}),
     ("dhkd", {"mode": "dhkd", "alpha": 1.0, "temperature": 2.0}),
     ("dhkd+ga", {"mode": "dhkd", "alpha": 1.0, "temperature": 2.0, "gradient_alignment": True}),
+    # stress test: a 5x heavier logit-level loss, where the single-head conflict should be larger
+    ("naive a=5", {"mode": "naive", "alpha": 5.0, "temperature": 2.0}),
+    ("dhkd a=5", {"mode": "dhkd", "alpha": 5.0, "temperature": 2.0}),
 ]
 
 
@@ -152,7 +157,7 @@ def main() -> None:
         for label, overrides in VARIANTS:
             if label not in a.variants:
                 continue
-            run_dir = out / f"{label}_seed{seed}"
+            run_dir = out / f"{label.replace(' ', '_').replace('=', '')}_seed{seed}"
             done = run_dir / "distill_result.json"
             if not done.exists():
                 script_args = DistillScriptArguments(teacher=str(teacher), data_dir=a.data_dir, threads=a.threads)
