@@ -233,11 +233,11 @@ def generate_grid(task: str, data: Path, a) -> None:
     if out_path.exists():
         for line in out_path.open():
             r = json.loads(line)
-            done.add((r["method"], r["strength"], r["target"]))
+            done.add((r["method"], r["strength"], r["target"], r.get("seed", 0)))
     enc = tok([START + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
     for method, lam, normalize in grid:
         for target in targets:
-            if (method, lam, target) in done:
+            if (method, lam, target, a.seed) in done:
                 continue
             torch.manual_seed(a.seed)
             procs = []
@@ -264,7 +264,14 @@ def generate_grid(task: str, data: Path, a) -> None:
                 for r, row in enumerate(seqs):
                     p = prompts[r // a.samples]
                     cont = tok.decode(row[t_in:], skip_special_tokens=True)
-                    rec = {"method": method, "strength": lam, "target": target, "prompt": p, "continuation": cont}
+                    rec = {
+                        "method": method,
+                        "strength": lam,
+                        "target": target,
+                        "seed": a.seed,
+                        "prompt": p,
+                        "continuation": cont,
+                    }
                     f.write(json.dumps(rec) + "\n")
             print(f"{method} lambda={lam} target={target}: {len(seqs)} texts in {dt:.0f} s", flush=True)
 
@@ -295,7 +302,12 @@ def report(task: str, a) -> None:
         acc = sum(p == r["target"] for p, r in zip(pred, rs)) / len(rs)
         ppl = perplexity(full, model, tok, prompts=[r["prompt"] for r in rs], prefix=START)
         ppl = sorted(p for p in ppl if p == p and math.isfinite(p))
-        d = dist_n([r["continuation"] for r in rs])
+        # Dist-n per (target, seed) group, then averaged: plain sampling gives the same texts for every target
+        parts: dict = {}
+        for r in rs:
+            parts.setdefault((r["target"], r.get("seed", 0)), []).append(r["continuation"])
+        ds = [dist_n(v) for v in parts.values()]
+        d = {k: sum(x[k] for x in ds) / len(ds) for k in ds[0]}
         table.append(
             {
                 "method": method,
@@ -310,7 +322,7 @@ def report(task: str, a) -> None:
         print(table[-1], flush=True)
     (HERE / f"results_{task}.json").write_text(json.dumps(table, indent=2) + "\n")
     lines = [
-        "| method | λ | n | attribute acc. | PPL mean | PPL median | Dist-1 | Dist-2 | Dist-3 |",
+        "| method | λ | texts | attribute acc. | PPL mean | PPL median | Dist-1 | Dist-2 | Dist-3 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
