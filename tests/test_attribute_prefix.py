@@ -255,3 +255,15 @@ def test_cli_train_prefixes_then_generate(tmp_path, capsys):
     assert rc == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("the movie")]
     assert len(lines) == 2
+
+
+def test_evaluate_reports_the_token_mean_loss(tmp_path):
+    trainer = AttributePrefixTrainer(
+        model=tiny_gpt2(),
+        args=_args(tmp_path),
+        train_dataset=toy_dataset(),
+        eval_dataset=toy_dataset(1),
+        processing_class=tiny_tokenizer(),
+    )
+    metrics = trainer.evaluate()
+    assert 0 < metrics["eval_loss"] < 10

@@ -89,6 +89,9 @@ class AttributePrefixConfig(TrainingArguments):
             # each attribute becomes a sub-folder of the checkpoint
             if not a or a in {".", ".."} or "/" in a or "\\" in a or a.startswith("."):
                 raise ValueError(f"attribute name {a!r} cannot be used as a checkpoint folder name")
+        if self.label_names is None:
+            # the training module's forward has no `labels` argument, so the Trainer would not find it by itself
+            self.label_names = ["labels"]
         if self.num_virtual_tokens < 1:
             raise ValueError("num_virtual_tokens must be >= 1")
 
@@ -305,9 +308,9 @@ class AttributePrefixTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        shift_labels = inputs.pop("shift_labels")
-        inputs.pop("labels", None)
-        out = model(**inputs)
+        # inputs is not mutated: prediction_step reads the labels from it after compute_loss
+        shift_labels = inputs["shift_labels"]
+        out = model(**{k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")})
         logits = out.logits.float()
         nll = F.cross_entropy(
             logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=-100, reduction="sum"
