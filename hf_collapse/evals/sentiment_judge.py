@@ -1,0 +1,111 @@
+"""A small, inspectable attribute judge: logistic regression on hashed unigram + bigram features.
+
+Used by `hf-collapse demo` to label generations. Stored as `model.safetensors` + `judge_config.json` (never a
+pickle). Train it on data disjoint from the prefix-training data so it is an independent judge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["HashedBowJudge"]
+
+_WORD = re.compile(r"[a-z0-9']+")
+CONFIG_NAME = "judge_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class HashedBowJudge(nn.Module):
+    """Logistic regression over hashed unigram + bigram features (mean-pooled, `n_buckets` hash buckets).
+
+    Calling it on a list of strings returns their predicted labels.
+    """
+
+    def __init__(self, labels: Sequence[str], n_buckets: int = 1 << 18) -> None:
+        super().__init__()
+        if len(labels) < 2:
+            raise ValueError("a judge needs at least two labels")
+        self.labels = list(labels)
+        self.n_buckets = int(n_buckets)
+        self.emb = nn.EmbeddingBag(self.n_buckets, len(self.labels), mode="mean")
+        nn.init.zeros_(self.emb.weight)
+        self.bias = nn.Parameter(torch.zeros(len(self.labels)))
+        self.info: dict[str, Any] = {}
+
+    def features(self, text: str) -> list[int]:
+        words = _WORD.findall(text.lower())
+        grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+        return [zlib.crc32(g.encode()) % self.n_buckets for g in grams] or [0]
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        """Logits `(len(texts), num_labels)`."""
+        feats = [self.features(t) for t in texts]
+        offsets = torch.tensor([0] + [len(f) for f in feats[:-1]]).cumsum(0)
+        flat = torch.tensor([i for f in feats for i in f])
+        return self.emb(flat, offsets) + self.bias
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.labels[i] for i in self.forward(list(texts)).argmax(-1).tolist()]
+
+    @torch.no_grad()
+    def predict_proba(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.forward(list(texts)).softmax(-1)
+
+    def fit(self, texts: Sequence[str], labels: Sequence[str], epochs: int = 3, lr: float = 0.05, seed: int = 0) -> None:
+        """Adam on cross-entropy, batch 256."""
+        idx = {a: i for i, a in enumerate(self.labels)}
+        unknown = sorted(set(labels) - set(idx))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among the judge's labels {self.labels}")
+        rows = list(zip(texts, labels))
+        rng = random.Random(seed)
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        for _ in range(epochs):
+            rng.shuffle(rows)
+            for i in range(0, len(rows), 256):
+                batch = rows[i : i + 256]
+                loss = nn.functional.cross_entropy(self.forward([t for t, _ in batch]), torch.tensor([idx[y] for _, y in batch]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        from ..modeling.checkpoint_utils import atomic_directory_write
+
+        def write(tmp: str) -> None:
+            # fp16 halves the file; the judge's decisions do not depend on the last bits
+            save_file({"emb": self.emb.weight.detach().half().contiguous(), "bias": self.bias.detach().float()},
+                      os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
+            cfg = {"labels": self.labels, "n_buckets": self.n_buckets, "features": "hashed unigram+bigram, crc32", **self.info}
+            Path(tmp, CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+
+        atomic_directory_write(directory, write)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> HashedBowJudge:
+        from ..modeling.checkpoint_utils import check_safetensors_files
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not a judge checkpoint (no {CONFIG_NAME}).")
+        cfg = json.loads((directory / CONFIG_NAME).read_text())
+        check_safetensors_files(directory)
+        judge = cls(cfg["labels"], cfg["n_buckets"])
+        weights = load_file(str(directory / WEIGHTS_NAME))
+        with torch.no_grad():
+            judge.emb.weight.copy_(weights["emb"].float())
+            judge.bias.copy_(weights["bias"].float())
+        judge.info = {k: v for k, v in cfg.items() if k not in ("labels", "n_buckets", "features")}
+        return judge.eval()
