@@ -21,7 +21,7 @@ class _Command:
 
 
 COMMANDS: dict[str, _Command] = {
-    "demo": _Command("Show all three fixes on real bundled checkpoints.", None),
+    "demo": _Command("Show all three fixes on real bundled checkpoints.", "hf_collapse.demo:demo_main"),
     "generate": _Command(
         "Generate text with Air-Decoding attribute control.", "hf_collapse.processors.cli:generate_main"
     ),

@@ -1,0 +1,181 @@
+"""`hf-collapse demo`: the three fixes on real bundled checkpoints, one section each.
+
+* `air`:   SmolLM2-135M, plain sampling next to Air-Decoding toward positive and negative, judged by a bundled
+           sentiment classifier.
+* `mamba`: the bundled small Mamba-2 over a long input, with and without the state-collapse mitigations.
+* `dhkd`:  the bundled dual-head student classifying Fashion-MNIST test images (if the dataset is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SECTIONS = ("air", "mamba", "dhkd")
+
+
+@dataclass
+class DemoArguments:
+    """Options of `hf-collapse demo`."""
+
+    only: str | None = field(default=None, metadata={"help": f"Run one section only: one of {SECTIONS}."})
+    checkpoints: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the bundled checkpoints (default: $HF_COLLAPSE_CHECKPOINTS or <repo>/checkpoints)."},
+    )
+    prompts: str = field(
+        default="The movie|The book", metadata={"help": "'|'-separated prompts for the Air-Decoding section."}
+    )
+    strength: float = field(default=40.0, metadata={"help": "Air-Decoding control strength lambda."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per continuation."})
+    mamba_tokens: int = field(default=8192, metadata={"help": "Length of the long input of the Mamba-2 section."})
+    fashion_mnist_dir: str = field(
+        default="/usr/share/datasets/fashion-mnist", metadata={"help": "Folder of the Fashion-MNIST IDX files."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's)."})
+
+
+def checkpoints_dir(arg: str | None = None) -> Path:
+    if arg:
+        return Path(arg)
+    env = os.environ.get("HF_COLLAPSE_CHECKPOINTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def _need(path: Path) -> bool:
+    if path.is_dir():
+        return True
+    print(f"  (skipped: bundled checkpoint {path} not found; set --checkpoints or HF_COLLAPSE_CHECKPOINTS)")
+    return False
+
+
+def _header(title: str) -> None:
+    print("\n" + "=" * 100 + f"\n{title}\n" + "=" * 100, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def section_air(a: DemoArguments, ckpt: Path) -> None:
+    _header("Attribute collapse -> Air-Decoding (SmolLM2-135M + bundled sentiment prefixes)")
+    prefixes, judge_dir = ckpt / "smollm2-135m-sentiment-prefixes", ckpt / "sentiment-judge"
+    if not (_need(prefixes) and _need(judge_dir)):
+        return
+    import torch
+
+    from .evals.sentiment_judge import HashedBowJudge
+    from .processors.air_decoding import AirDecodingLogitsProcessor
+    from .processors.attribute_prefix_model import AttributePrefixModel
+    from .smollm2 import load_smollm2
+
+    model, tok = load_smollm2()
+    attr = AttributePrefixModel.from_pretrained(model, prefixes)
+    judge = HashedBowJudge.from_pretrained(judge_dir)
+    start = json.loads((prefixes / "attribute_prefixes.json").read_text()).get("start_text", "")
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    from tqdm.auto import tqdm
+
+    prompts = [p for p in a.prompts.split("|") if p]
+    jobs = [(p, t) for p in prompts for t in (None, "positive", "negative")]
+    rows = []
+    for prompt, target in tqdm(jobs, desc="generating", unit="text"):
+        torch.manual_seed(a.seed)
+        enc = tok([start + prompt], return_tensors="pt")
+        procs = []
+        if target is not None:
+            procs = [AirDecodingLogitsProcessor(attr, target, a.strength, prompt_attention_mask=enc["attention_mask"])]
+        out = model.generate(**enc, logits_processor=procs, do_sample=True, top_k=200, top_p=1.0,
+                             max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id)  # fmt: skip
+        text = prompt + tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        text = " ".join(text.split())
+        rows.append((prompt, target or "plain", judge.predict([text])[0], text))
+    for _prompt, method, verdict, text in rows:
+        print(f"[{method:>8} | judge: {verdict:>8}] {text}")
+
+
+def section_mamba(a: DemoArguments, ckpt: Path) -> None:
+    _header("State collapse -> robust Mamba-2 (bundled robust-mamba2-tiny, long input)")
+    path = ckpt / "robust-mamba2-tiny"
+    if not _need(path):
+        return
+    import torch
+
+    from .evals.position_loss import position_loss
+    from .modeling.robust_mamba2 import RobustMamba2ForCausalLM
+
+    text_file = path / "demo_text.txt"
+    if not text_file.is_file():
+        print(f"  (skipped: {text_file} missing)")
+        return
+    data = text_file.read_bytes()
+    reps = a.mamba_tokens // max(len(data), 1) + 1
+    ids = torch.tensor(list((data * reps)[: a.mamba_tokens]))[None]  # byte-level model: token id = byte value
+    mitigated = RobustMamba2ForCausalLM.from_pretrained(path).eval()
+    mitig_cfg = {k: getattr(mitigated.config, k) for k in ("insertion_scale", "decay_scale", "sliding_window")}
+    mitig_cfg["state_norm_max"] = "calibrated" if mitigated.config.state_norm_max is not None else None
+    plain = RobustMamba2ForCausalLM.from_pretrained(path, state_norm_max=None, sliding_window=None,
+                                                    insertion_scale=1.0, decay_scale=1.0).eval()  # fmt: skip
+    train_len = json.loads((path / "config.json").read_text()).get("train_length")
+    bucket = max(a.mamba_tokens // 8, 1)
+    with torch.no_grad():
+        r_plain = position_loss(plain, ids, bucket_size=bucket, progress=True)
+        r_mit = position_loss(mitigated, ids, bucket_size=bucket, progress=True)
+    print(f"training length: {train_len} tokens; mitigations: {mitig_cfg}")
+    print(f"{'positions':>14} | {'loss, no mitigation':>20} | {'loss, mitigated':>16}")
+    for b0, b1 in zip(r_plain["buckets"], r_mit["buckets"]):
+        print(f"{b0['start']:>6}-{b0['end']:<7} | {b0['mean_loss']:>20.3f} | {b1['mean_loss']:>16.3f}")
+
+
+def section_dhkd(a: DemoArguments, ckpt: Path) -> None:
+    _header("Head collapse -> dual-head KD (bundled dual-head-fashion-mnist student)")
+    path = ckpt / "dual-head-fashion-mnist"
+    if not _need(path):
+        return
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from .data import FashionMNIST
+
+    try:
+        test = FashionMNIST(a.fashion_mnist_dir, "test", limit=1000)
+    except FileNotFoundError:
+        print("  Fashion-MNIST is not installed: `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu) puts it in "
+              "/usr/share/datasets/fashion-mnist, or pass --fashion_mnist_dir.")  # fmt: skip
+        return
+    model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True).eval()
+    with torch.no_grad():
+        logits = model(pixel_values=test.pixel_values).logits  # main head only
+    pred = logits.argmax(-1)
+    for i in range(8):
+        ok = "ok " if pred[i] == test.labels[i] else "MISS"
+        print(f"  image {i}: predicted {model.config.id2label[int(pred[i])]:<12} true "
+              f"{model.config.id2label[int(test.labels[i])]:<12} {ok}")  # fmt: skip
+    print(f"  accuracy on the first 1000 test images: {100 * (pred == test.labels).float().mean():.1f}%")
+
+
+def demo_main(argv: Sequence[str]) -> int:
+    """Entry point of `hf-collapse demo`."""
+    from transformers import HfArgumentParser
+
+    (a,) = HfArgumentParser(DemoArguments, prog="hf-collapse demo").parse_args_into_dataclasses(args=list(argv))
+    if a.only is not None and a.only not in SECTIONS:
+        raise SystemExit(f"--only must be one of {SECTIONS}, got {a.only!r}")
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ckpt = checkpoints_dir(a.checkpoints)
+    t0 = time.perf_counter()
+    runners = {"air": section_air, "mamba": section_mamba, "dhkd": section_dhkd}
+    for name in SECTIONS:
+        if a.only in (None, name):
+            runners[name](a, ckpt)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
