@@ -132,12 +132,11 @@ def bench(b: int, name: str, model, tok, batched, serial, a) -> None:
         x = torch.randint(3, 1000, (rows, 27))
         with torch.no_grad():
             cache = model(input_ids=x, use_cache=True).cache
-            length = cache.get_seq_length()
 
         def f():
             with torch.no_grad():
                 model(input_ids=x[:, -1:], cache=cache, use_cache=True)
-            cache.crop(length)  # keep the cache length fixed across repeats
+            cache.crop(-1)  # drop the token just added: the cache length stays fixed
 
         return f
 
