@@ -9,7 +9,7 @@ Command (the one that produced docs/dual_head_kd.md):
     python examples/dual_head_kd/run_experiment.py --out runs/dual_head_kd --seeds 0 1 2 --epochs 3 --threads 1 \
         --variants ce kd logit naive dhkd dhkd+ga "naive a=5" "dhkd a=5"
 
-It trains the teacher once (a ResNet, ~0.7M parameters), then every (mode, seed) student (a ResNet with ~25k
+It trains the teacher once (a ResNet, ~0.7M parameters), then every (mode, seed) student (a ResNet with ~20k
 parameters and two heads), through `hf-collapse distill`'s own code path. Finished runs are skipped on restart.
 It writes `results.jsonl`, `results.md` and `results.png` next to this script.
 """
