@@ -251,10 +251,19 @@ class RobustMamba2Mixer(Mamba2Mixer):
     def _mitigations(self, device) -> _Mitigations:
         cfg = self.config
         caps = cfg.state_norm_caps(self.layer_idx)
+        caps_tensor = None
+        if caps is not None:
+            # cached: building a tensor from the config list at every decoding step costs as much as the step
+            key = (tuple(caps), str(device))
+            cached = getattr(self, "_caps_cache", None)
+            if cached is None or cached[0] != key:
+                cached = (key, torch.tensor(caps, dtype=torch.float32, device=device))
+                self._caps_cache = cached
+            caps_tensor = cached[1]
         return _Mitigations(
             insertion_scale=float(cfg.insertion_scale),
             decay_scale=float(cfg.decay_scale),
-            caps=None if caps is None else torch.tensor(caps, dtype=torch.float32, device=device),
+            caps=caps_tensor,
             every=int(cfg.state_norm_every),
             window=cfg.sliding_window,
         )
