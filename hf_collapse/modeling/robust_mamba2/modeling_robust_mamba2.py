@@ -578,8 +578,11 @@ class RobustMamba2PreTrainedModel(Mamba2PreTrainedModel):
 
     @classmethod
     def from_mamba2(cls, model: Mamba2PreTrainedModel, **mitigation_kwargs):
-        """Convert an in-memory transformers ``Mamba2ForCausalLM`` / ``Mamba2Model`` (same weights, same dtype and
-        device), with optional mitigation fields, e.g. ``from_mamba2(m, decay_scale=1.5)``."""
+        """Convert an in-memory transformers ``Mamba2ForCausalLM`` / ``Mamba2Model`` (same dtype and device), with
+        optional mitigation fields, e.g. ``from_mamba2(m, decay_scale=1.5)``.
+
+        The new model *shares* the weight tensors of ``model`` (no copy, no extra memory): training one changes the
+        other. ``copy.deepcopy(model)`` first if they must be independent."""
         config = RobustMamba2Config.from_mamba2_config(model.config, **mitigation_kwargs)
         param = next(model.parameters())
         with torch.device("meta"):
