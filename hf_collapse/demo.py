@@ -125,8 +125,8 @@ def section_mamba(a: DemoArguments, ckpt: Path) -> None:
     train_len = json.loads((path / "config.json").read_text()).get("train_length")
     bucket = max(a.mamba_tokens // 8, 1)
     with torch.no_grad():
-        r_plain = position_loss(plain, ids, bucket_size=bucket, progress=True)
-        r_mit = position_loss(mitigated, ids, bucket_size=bucket, progress=True)
+        r_plain = position_loss(plain, ids, bucket_size=bucket, stats_every=1024, progress=True)
+        r_mit = position_loss(mitigated, ids, bucket_size=bucket, stats_every=1024, progress=True)
     print(f"training length: {train_len} tokens; mitigations: {mitig_cfg}")
     print(f"{'positions':>14} | {'loss, no mitigation':>20} | {'loss, mitigated':>16}")
     for b0, b1 in zip(r_plain["buckets"], r_mit["buckets"]):

@@ -91,28 +91,48 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
 
 
-def test_export_for_hub_loads_without_hf_collapse(tmp_path):
-    model = tiny_model()
+def _robust_mamba2():
+    from hf_collapse import RobustMamba2Config, RobustMamba2ForCausalLM
+
+    cfg = RobustMamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8,
+                             n_groups=1, expand=2, chunk_size=8, sliding_window=8)  # fmt: skip
+    return RobustMamba2ForCausalLM(cfg).eval()
+
+
+EXPORT_CASES = {
+    # name: (model factory, example input, Auto class of the task, output field)
+    "dual_head": (tiny_model, lambda: {"pixel_values": torch.randn(2, 1, 28, 28)}, "AutoModelForImageClassification"),
+    "robust_mamba2": (_robust_mamba2, lambda: {"input_ids": torch.randint(0, 64, (1, 20))}, "AutoModelForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPORT_CASES))
+def test_export_for_hub_loads_without_hf_collapse(tmp_path, case):
+    factory, make_inputs, auto_name = EXPORT_CASES[case]
+    model = factory()
     out = export_for_hub(model, tmp_path / "export")
     auto_map = json.loads((out / "config.json").read_text())["auto_map"]
-    assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(auto_map)
+    assert {"AutoConfig", "AutoModel", auto_name} <= set(auto_map)
     for py in out.glob("*.py"):
         src = py.read_text()
-        assert "hf_collapse" not in src.split("try:")[0] or py.name == "checkpoint_utils.py"
         assert "from .." not in src
-    x = torch.randn(2, 1, 28, 28)
-    torch.save({"x": x, "logits": model(pixel_values=x).logits.detach()}, tmp_path / "io.pt")
+        assert "import hf_collapse" not in src and "from hf_collapse.hub" not in src.replace(
+            "from hf_collapse.hub import make_model_card", ""
+        )
+    inputs = make_inputs()
+    torch.save({"inputs": inputs, "logits": model(**inputs).logits.detach()}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import sys
         sys.modules["hf_collapse"] = None  # make `import hf_collapse` impossible
         import torch
-        from transformers import AutoModel, AutoModelForImageClassification
+        import transformers
         io = torch.load({str(tmp_path / "io.pt")!r})
-        m = AutoModelForImageClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        auto = getattr(transformers, {auto_name!r})
+        m = auto.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         assert "transformers_modules" in type(m).__module__, type(m).__module__
-        torch.testing.assert_close(m(pixel_values=io["x"]).logits, io["logits"])
-        base = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
-        assert type(base).__name__ == "DualHeadModel"
+        torch.testing.assert_close(m(**io["inputs"]).logits, io["logits"])
+        base = transformers.AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
+        assert "transformers_modules" in type(base).__module__
         print("REMOTE_OK")
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,

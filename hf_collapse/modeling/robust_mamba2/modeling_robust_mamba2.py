@@ -34,6 +34,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
     apply_mask_to_padding_states,
 )
 
+from ..checkpoint_utils import SafeCheckpointMixin
 from .configuration_robust_mamba2 import RobustMamba2Config
 
 __all__ = [
@@ -570,9 +571,17 @@ class RobustMamba2CausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-class RobustMamba2PreTrainedModel(Mamba2PreTrainedModel):
+class RobustMamba2PreTrainedModel(SafeCheckpointMixin, Mamba2PreTrainedModel):
     config_class = RobustMamba2Config
     config: RobustMamba2Config
+    model_card_kind = "robust_mamba2"  # save_pretrained writes a hub_cards/robust_mamba2.md card, via a temp dir
+
+    def model_card_facts(self) -> dict:
+        c = self.config
+        active = {k: getattr(c, k) for k in ("insertion_scale", "decay_scale", "sliding_window") if getattr(c, k) not in (None, 1.0)}
+        if c.state_norm_max is not None:
+            active["state_norm_max"] = f"set (every {c.state_norm_every} tokens)"
+        return {"model_id": c.name_or_path or "robust-mamba2", "mitigations": active or "none (defaults)"}
     _no_split_modules = ["RobustMamba2Block"]
     _is_stateful = True
 
