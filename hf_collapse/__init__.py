@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "AttributePrefixTrainer": "hf_collapse.trainers.attribute_prefix",
     "AttributePrefixModel": "hf_collapse.processors.attribute_prefix_model",
     "AirDecodingLogitsProcessor": "hf_collapse.processors.air_decoding",
+    "WeightedDecodingLogitsProcessor": "hf_collapse.processors.air_decoding",
+    "HashedBowJudge": "hf_collapse.evals.sentiment_judge",
 }
 
 __all__ = ["__version__", "register", *_LAZY]
