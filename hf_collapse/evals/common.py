@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ByteTokenizer", "load_model_and_tokenizer", "recurrent_states", "state_statistics", "MitigationArguments"]
+__all__ = ["ByteTokenizer", "load_model_and_tokenizer", "recurrent_states", "state_statistics", "MitigationArguments", "ModelArguments"]
 
 
 class ByteTokenizer:
@@ -23,6 +23,16 @@ class ByteTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+@dataclass
+class ModelArguments:
+    """The model and tokenizer options shared by the long-context evaluation commands."""
+
+    model: str = field(metadata={"help": "Checkpoint folder of a causal LM (e.g. a robust_mamba2 or mamba2 one)."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder, or 'bytes' for byte-level models; default: the model's."}
+    )
 
 
 @dataclass

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .common import ModelArguments
+
 __all__ = ["INSTRUCTION", "FILLER", "QUESTION", "build_passkey_prompt", "run_passkey", "plot_passkey", "passkey_main"]
 
 INSTRUCTION = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
@@ -124,13 +126,9 @@ def plot_passkey(result: dict, path, title: str = "passkey retrieval") -> None:
 
 
 @dataclass
-class PasskeyArguments:
+class PasskeyArguments(ModelArguments):
     """Options of `hf-collapse passkey`."""
 
-    model: str = field(metadata={"help": "Checkpoint folder of a causal LM (e.g. a robust_mamba2 or mamba2 one)."})
-    tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder, or 'bytes' for byte-level models; default: the model's."}
-    )
     lengths: str = field(default="1024,2048,4096", metadata={"help": "Comma-separated context lengths (tokens)."})
     depths: str = field(default="0,0.25,0.5,0.75,1", metadata={"help": "Comma-separated needle depths in [0, 1]."})
     trials: int = field(default=1, metadata={"help": "Random keys per (length, depth) cell."})

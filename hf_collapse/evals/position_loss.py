@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import recurrent_states, state_statistics
+from .common import ModelArguments, recurrent_states, state_statistics
 
 __all__ = ["position_loss", "plot_position_loss", "plot_state_norms", "position_loss_main", "PositionLossArguments"]
 
@@ -158,13 +158,9 @@ def plot_state_norms(results: dict, path, train_length: int | None = None, title
 
 
 @dataclass
-class PositionLossArguments:
+class PositionLossArguments(ModelArguments):
     """Options of `hf-collapse position-loss`."""
 
-    model: str = field(metadata={"help": "Checkpoint folder of a causal LM (e.g. a robust_mamba2 or mamba2 one)."})
-    tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder, or 'bytes' for byte-level models; default: the model's."}
-    )
     text_file: str | None = field(default=None, metadata={"help": "UTF-8 text to score (read whole)."})
     synthetic: str | None = field(
         default=None, metadata={"help": "'newlines': the paper's synthetic prompt, a long run of newline characters."}
