@@ -27,12 +27,19 @@ class ByteTokenizer:
 
 @dataclass
 class ModelArguments:
-    """The model and tokenizer options shared by the long-context evaluation commands."""
+    """The model, device and mitigation-override options shared by the long-context evaluation commands."""
 
     model: str = field(metadata={"help": "Checkpoint folder of a causal LM (e.g. a robust_mamba2 or mamba2 one)."})
     tokenizer: str | None = field(
         default=None, metadata={"help": "Tokenizer folder, or 'bytes' for byte-level models; default: the model's."}
     )
+    device: str = field(default="cpu", metadata={"help": "torch device."})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU runs)."})
+    insertion_scale: float | None = field(default=None, metadata={"help": "M1 override (loads as RobustMamba2)."})
+    decay_scale: float | None = field(default=None, metadata={"help": "M1 override (loads as RobustMamba2)."})
+    state_norm_max: float | None = field(default=None, metadata={"help": "M2 cap override (loads as RobustMamba2)."})
+    state_norm_every: int | None = field(default=None, metadata={"help": "M2 period override."})
+    sliding_window: int | None = field(default=None, metadata={"help": "M3 window override (loads as RobustMamba2)."})
 
 
 @dataclass

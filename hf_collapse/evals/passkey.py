@@ -135,13 +135,6 @@ class PasskeyArguments(ModelArguments):
     max_new_tokens: int = field(default=5, metadata={"help": "Greedy tokens generated after the question."})
     seed: int = field(default=0, metadata={"help": "Seed of the random keys."})
     output_dir: str = field(default="passkey_out", metadata={"help": "Where passkey.json and passkey.png go."})
-    device: str = field(default="cpu", metadata={"help": "torch device."})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU runs)."})
-    insertion_scale: float | None = field(default=None, metadata={"help": "M1 override (loads as RobustMamba2)."})
-    decay_scale: float | None = field(default=None, metadata={"help": "M1 override (loads as RobustMamba2)."})
-    state_norm_max: float | None = field(default=None, metadata={"help": "M2 cap override (loads as RobustMamba2)."})
-    state_norm_every: int | None = field(default=None, metadata={"help": "M2 period override."})
-    sliding_window: int | None = field(default=None, metadata={"help": "M3 window override (loads as RobustMamba2)."})
 
 
 def _mitigations(args) -> dict:

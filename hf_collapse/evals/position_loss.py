@@ -170,13 +170,6 @@ class PositionLossArguments(ModelArguments):
     stats_every: int = field(default=128, metadata={"help": "Read state statistics every N tokens (feed step)."})
     train_length: int | None = field(default=None, metadata={"help": "Training length, drawn as a line on plots."})
     output_dir: str = field(default="position_loss_out", metadata={"help": "Where the JSON and PNG files go."})
-    device: str = field(default="cpu", metadata={"help": "torch device."})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU runs)."})
-    insertion_scale: float | None = field(default=None, metadata={"help": "M1 override (loads as RobustMamba2)."})
-    decay_scale: float | None = field(default=None, metadata={"help": "M1 override (loads as RobustMamba2)."})
-    state_norm_max: float | None = field(default=None, metadata={"help": "M2 cap override (loads as RobustMamba2)."})
-    state_norm_every: int | None = field(default=None, metadata={"help": "M2 period override."})
-    sliding_window: int | None = field(default=None, metadata={"help": "M3 window override (loads as RobustMamba2)."})
 
 
 def position_loss_main(argv: Sequence[str] | None = None) -> int:
