@@ -292,5 +292,6 @@ def test_save_model_reloads_with_auto_class(tmp_path):
     trainer.train()
     trainer.save_model(str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+    assert "library_name: hf-collapse" in (tmp_path / "ckpt" / "README.md").read_text()  # the model card
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "ckpt", use_safetensors=True)
     assert isinstance(reloaded, DualHeadForImageClassification)
