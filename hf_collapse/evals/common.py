@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ByteTokenizer", "load_model_and_tokenizer", "recurrent_states", "state_statistics", "MitigationArguments", "ModelArguments"]
+__all__ = ["ByteTokenizer", "load_model_and_tokenizer", "recurrent_states", "state_statistics", "ModelArguments"]
 
 
 class ByteTokenizer:
@@ -41,19 +41,10 @@ class ModelArguments:
     state_norm_every: int | None = field(default=None, metadata={"help": "M2 period override."})
     sliding_window: int | None = field(default=None, metadata={"help": "M3 window override (loads as RobustMamba2)."})
 
-
-@dataclass
-class MitigationArguments:
-    """Optional RobustMamba2 mitigation overrides (the checkpoint is then loaded as RobustMamba2ForCausalLM)."""
-
-    insertion_scale: float | None = None
-    decay_scale: float | None = None
-    state_norm_max: float | None = None
-    state_norm_every: int | None = None
-    sliding_window: int | None = None
-
-    def overrides(self) -> dict:
-        return {k: v for k, v in vars(self).items() if v is not None}
+    def mitigation_overrides(self) -> dict:
+        """The mitigation fields that were given (then the model is loaded as RobustMamba2ForCausalLM)."""
+        names = ("insertion_scale", "decay_scale", "state_norm_max", "state_norm_every", "sliding_window")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 def load_model_and_tokenizer(model_path: str, tokenizer: str | None = None, device: str = "cpu", **mitigations):

@@ -137,11 +137,6 @@ class PasskeyArguments(ModelArguments):
     output_dir: str = field(default="passkey_out", metadata={"help": "Where passkey.json and passkey.png go."})
 
 
-def _mitigations(args) -> dict:
-    names = ("insertion_scale", "decay_scale", "state_norm_max", "state_norm_every", "sliding_window")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-
-
 def passkey_main(argv: Sequence[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
@@ -151,7 +146,7 @@ def passkey_main(argv: Sequence[str] | None = None) -> int:
     (args,) = parser.parse_args_into_dataclasses(args=list(argv or []))
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, **_mitigations(args))
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, **args.mitigation_overrides())
     result = run_passkey(
         model,
         tokenizer,

@@ -176,7 +176,6 @@ def position_loss_main(argv: Sequence[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
     from .common import load_model_and_tokenizer
-    from .passkey import _mitigations
 
     parser = HfArgumentParser(PositionLossArguments, prog="hf-collapse position-loss")
     (args,) = parser.parse_args_into_dataclasses(args=list(argv or []))
@@ -184,7 +183,7 @@ def position_loss_main(argv: Sequence[str] | None = None) -> int:
         parser.error("give exactly one of --text_file and --synthetic")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, **_mitigations(args))
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, **args.mitigation_overrides())
     if args.synthetic is not None:
         if args.synthetic != "newlines":
             parser.error(f"unknown --synthetic {args.synthetic!r} (known: newlines)")
