@@ -22,9 +22,7 @@ import json
 import math
 import os
 import random
-import re
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -96,68 +94,30 @@ def load_lm():
 
 
 # ------------------------------------------------------------------------------------------------ judge
-_WORD = re.compile(r"[a-z0-9']+")
-NBUCKETS = 1 << 20
-
-
-def _features(text: str) -> list[int]:
-    w = _WORD.findall(text.lower())
-    grams = w + [a + " " + b for a, b in zip(w, w[1:])]
-    return [zlib.crc32(g.encode()) % NBUCKETS for g in grams] or [0]
-
-
-class BowJudge(torch.nn.Module):
-    """Logistic regression on hashed unigram+bigram counts (no sklearn here); a plain, inspectable judge."""
-
-    def __init__(self, labels: list[str]):
-        super().__init__()
-        self.labels = labels
-        self.emb = torch.nn.EmbeddingBag(NBUCKETS, len(labels), mode="mean")
-        torch.nn.init.zeros_(self.emb.weight)
-        self.bias = torch.nn.Parameter(torch.zeros(len(labels)))
-
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        feats = [_features(t) for t in texts]
-        offsets = torch.tensor([0] + [len(f) for f in feats[:-1]]).cumsum(0)
-        return self.emb(torch.tensor([i for f in feats for i in f]), offsets) + self.bias
-
-    def __call__(self, texts):  # noqa: D102 - callable(list[str]) -> labels, as attribute_accuracy expects
-        with torch.no_grad():
-            return [self.labels[i] for i in self.forward(list(texts)).argmax(-1).tolist()]
+JUDGE_BUCKETS = 1 << 20
 
 
 def train_judge(task: str, data: Path) -> dict:
+    """Logistic regression on hashed unigram+bigram counts (no sklearn here): hf_collapse's HashedBowJudge."""
+    from hf_collapse.evals.sentiment_judge import HashedBowJudge
+
     train, test = judge_data(task, data)
-    labels = TASKS[task]["attributes"]
-    judge = BowJudge(labels)
-    opt = torch.optim.Adam(judge.parameters(), lr=0.05)
-    idx = {a: i for i, a in enumerate(labels)}
-    rng = random.Random(0)
-    for _epoch in range(3):
-        rng.shuffle(train)
-        for i in range(0, len(train), 256):
-            batch = train[i : i + 256]
-            loss = torch.nn.functional.cross_entropy(
-                judge.forward([t for t, _ in batch]), torch.tensor([idx[y] for _, y in batch])
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    pred = judge([t for t, _ in test])
+    judge = HashedBowJudge(TASKS[task]["attributes"], n_buckets=JUDGE_BUCKETS)
+    judge.fit([t for t, _ in train], [y for _, y in train], epochs=3, lr=0.05, seed=0)
+    pred = judge.predict([t for t, _ in test])
     acc = sum(p == y for p, (_, y) in zip(pred, test)) / len(test)
     WORK.mkdir(parents=True, exist_ok=True)
-    torch.save({"labels": labels, "state": judge.state_dict()}, WORK / f"judge_{task}.pt")
+    judge.save_pretrained(WORK / f"judge_{task}", dtype=torch.float32)
     info = {"task": task, "train_size": len(train), "test_size": len(test), "held_out_accuracy": acc}
     (HERE / f"judge_{task}.json").write_text(json.dumps(info, indent=2) + "\n")
     print(info)
     return info
 
 
-def load_judge(task: str) -> BowJudge:
-    blob = torch.load(WORK / f"judge_{task}.pt")
-    judge = BowJudge(blob["labels"])
-    judge.load_state_dict(blob["state"])
-    return judge
+def load_judge(task: str):
+    from hf_collapse.evals.sentiment_judge import HashedBowJudge
+
+    return HashedBowJudge.from_pretrained(WORK / f"judge_{task}")
 
 
 # ------------------------------------------------------------------------------------------------ prefixes
@@ -298,7 +258,7 @@ def report(task: str, a) -> None:
     table = []
     for (method, lam), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         full = [r["prompt"] + r["continuation"] for r in rs]
-        pred = judge(full)
+        pred = judge.predict(full)
         acc = sum(p == r["target"] for p, r in zip(pred, rs)) / len(rs)
         ppl = perplexity(full, model, tok, prompts=[r["prompt"] for r in rs], prefix=START)
         ppl = sorted(p for p in ppl if p == p and math.isfinite(p))

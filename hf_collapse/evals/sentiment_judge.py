@@ -81,12 +81,15 @@ class HashedBowJudge(nn.Module):
                 loss.backward()
                 opt.step()
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
+        """Write `model.safetensors` + `judge_config.json` through a temp dir.
+
+        fp16 (the default) halves the file; pass `torch.float32` to keep the exact trained weights.
+        """
         from ..modeling.checkpoint_utils import atomic_directory_write
 
         def write(tmp: str) -> None:
-            # fp16 halves the file; the judge's decisions do not depend on the last bits
-            save_file({"emb": self.emb.weight.detach().half().contiguous(), "bias": self.bias.detach().float()},
+            save_file({"emb": self.emb.weight.detach().to(dtype).contiguous(), "bias": self.bias.detach().float()},
                       os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
             cfg = {"labels": self.labels, "n_buckets": self.n_buckets, "features": "hashed unigram+bigram, crc32", **self.info}
             Path(tmp, CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
