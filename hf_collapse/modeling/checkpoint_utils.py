@@ -109,13 +109,11 @@ class SafeCheckpointMixin:
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
             check_safetensors_files(path)
+        from safetensors import SafetensorError
+
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as err:
-            from safetensors import SafetensorError
-
-            if isinstance(err, SafetensorError):
-                raise CorruptCheckpointError(
-                    f"a weight file of {pretrained_model_name_or_path} is corrupt or truncated ({err})."
-                ) from err
-            raise
+        except SafetensorError as err:  # e.g. a remote file, which the local check above cannot see
+            raise CorruptCheckpointError(
+                f"a weight file of {pretrained_model_name_or_path} is corrupt or truncated ({err})."
+            ) from err
