@@ -78,7 +78,7 @@ class SafeCheckpointMixin:
 
         Args:
             model_card: a `huggingface_hub.ModelCard` to write; by default one is built with
-                `hf_collapse.hub.make_model_card` unless the folder already has a README.md.
+                `hf_collapse.model_cards.make_model_card` unless the folder already has a README.md.
         """
         if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -93,7 +93,7 @@ class SafeCheckpointMixin:
             card = model_card
             if card is None and not has_card and self.model_card_kind is not None:
                 try:
-                    from hf_collapse.hub import make_model_card
+                    from hf_collapse.model_cards import make_model_card
                 except ImportError:  # exported remote-code copy without hf-collapse installed
                     return
                 card = make_model_card(self.model_card_kind, **self.model_card_facts())
