@@ -31,7 +31,7 @@ def main() -> None:
     from transformers import ResNetConfig, ResNetForImageClassification
 
     from hf_collapse import DualHeadDistillationConfig, DualHeadDistillationTrainer
-    from hf_collapse.trainers.cli import DistillScriptArguments, build_student
+    from hf_collapse.scripts.distill import DistillScriptArguments, build_student
 
     teacher = ResNetForImageClassification(
         ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[2, 2, 2],

@@ -1,23 +1,25 @@
 """hf-collapse: fixes for three collapses, as Hugging Face Transformers components.
 
-* Attribute collapse (Air-Decoding): ``AirDecodingLogitsProcessor``, ``AttributePrefixTrainer``.
-* State collapse in Mamba-2 (Stuffed Mamba): ``RobustMamba2ForCausalLM``.
-* Head collapse in knowledge distillation (Dual-Head KD): ``DualHeadForImageClassification``,
-  ``DualHeadDistillationTrainer``.
+* Attribute collapse (Air-Decoding): `AirDecodingLogitsProcessor`, `AttributePrefixTrainer`.
+* State collapse in Mamba-2 (Stuffed Mamba): `RobustMamba2ForCausalLM`.
+* Head collapse in knowledge distillation (Dual-Head KD): `DualHeadForImageClassification`,
+  `DualHeadDistillationTrainer`.
 
-``import hf_collapse`` registers every config and model with the ``Auto*`` classes. Everything else is
-imported lazily on first attribute access, so the import stays cheap.
+`import hf_collapse` registers every config and model with the `Auto*` classes, which imports the two modeling
+packages (transformers' Auto mappings need the classes themselves). Everything else (processors, trainers, metrics,
+evaluations, the command line) is imported on first attribute access.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .registration import register
 from .version import __version__
 
-# public name -> submodule that defines it (imported on first access)
+# public name -> module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
     # dual-head KD
     "DualHeadConfig": "hf_collapse.modeling.dual_head",
@@ -32,6 +34,7 @@ _LAZY: dict[str, str] = {
     "RobustMamba2Config": "hf_collapse.modeling.robust_mamba2",
     "RobustMamba2Model": "hf_collapse.modeling.robust_mamba2",
     "RobustMamba2ForCausalLM": "hf_collapse.modeling.robust_mamba2",
+    "RobustMamba2Cache": "hf_collapse.modeling.robust_mamba2",
     "convert_mamba_ssm_checkpoint": "hf_collapse.modeling.robust_mamba2",
     "calibrate_state_norms": "hf_collapse.modeling.robust_mamba2",
     "recommended_training_length": "hf_collapse.modeling.robust_mamba2",
@@ -41,23 +44,29 @@ _LAZY: dict[str, str] = {
     "AttributePrefixModel": "hf_collapse.processors.attribute_prefix_model",
     "AirDecodingLogitsProcessor": "hf_collapse.processors.air_decoding",
     "WeightedDecodingLogitsProcessor": "hf_collapse.processors.air_decoding",
-    "HashedBowJudge": "hf_collapse.evals.sentiment_judge",
+    # Hub
+    "make_model_card": "hf_collapse.model_cards",
+    "export_for_hub": "hf_collapse.hub",
+    "push": "hf_collapse.hub",
 }
+
+# names that left the top-level API: still importable from here, with a warning that says where they live now
+_MOVED: dict[str, str] = {"HashedBowJudge": "hf_collapse.evals.sentiment_judge"}
 
 __all__ = ["__version__", "register", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     module_name = _LAZY.get(name)
+    if module_name is None and name in _MOVED:
+        module_name = _MOVED[name]
+        warnings.warn(
+            f"hf_collapse.{name} is deprecated; import it from {module_name} instead.", FutureWarning, stacklevel=2
+        )
+        return getattr(importlib.import_module(module_name), name)
     if module_name is None:
         raise AttributeError(f"module 'hf_collapse' has no attribute {name!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            raise AttributeError(f"hf_collapse.{name} is not available in this version ({module_name} missing)") from err
-        raise
-    value = getattr(module, name)
+    value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
 
@@ -67,11 +76,28 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers only
+    from .hub import export_for_hub, push  # noqa: F401
+    from .model_cards import make_model_card  # noqa: F401
     from .modeling.dual_head import (  # noqa: F401
+        DualHeadClassifierOutput,
         DualHeadConfig,
         DualHeadForImageClassification,
         DualHeadForSequenceClassification,
+        DualHeadModel,
+        DualHeadPreTrainedModel,
     )
+    from .modeling.robust_mamba2 import (  # noqa: F401
+        RobustMamba2Cache,
+        RobustMamba2Config,
+        RobustMamba2ForCausalLM,
+        RobustMamba2Model,
+        calibrate_state_norms,
+        convert_mamba_ssm_checkpoint,
+        recommended_training_length,
+    )
+    from .processors.air_decoding import AirDecodingLogitsProcessor, WeightedDecodingLogitsProcessor  # noqa: F401
+    from .processors.attribute_prefix_model import AttributePrefixModel  # noqa: F401
+    from .trainers.attribute_prefix import AttributePrefixConfig, AttributePrefixTrainer  # noqa: F401
     from .trainers.dual_head_distillation import DualHeadDistillationConfig, DualHeadDistillationTrainer  # noqa: F401
 
 register()

@@ -54,7 +54,7 @@ def check_number(
     if ok and maximum is not None:
         ok = value < maximum if exclusive_maximum else value <= maximum
     if not ok:
-        sep = "." if owner[:1].isalpha() else " "
+        sep = "." if owner[-1:].isalnum() else ""
         raise ValueError(f"{owner}{sep}{name} must be {expected}, got {value!r}.")
     return value if integer else float(value)
 

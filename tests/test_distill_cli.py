@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
 
 from hf_collapse.cli import main
-from hf_collapse.data import FashionMNIST, read_idx
+from hf_collapse.scripts.fashion_mnist import FashionMNIST, read_idx
 
 
 def write_idx(path, arr: np.ndarray, gz: bool = True) -> None:

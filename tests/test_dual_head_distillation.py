@@ -295,3 +295,19 @@ def test_save_model_reloads_with_auto_class(tmp_path):
     assert "library_name: hf-collapse" in (tmp_path / "ckpt" / "README.md").read_text()  # the model card
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "ckpt", use_safetensors=True)
     assert isinstance(reloaded, DualHeadForImageClassification)
+
+
+@pytest.mark.parametrize("field, value", [("alpha", float("nan")), ("temperature", float("nan")),
+                                          ("kd_temperature", float("inf")), ("beta", float("inf")),
+                                          ("gamma", -1.0), ("temperature", 0.0)])  # fmt: skip
+def test_non_finite_or_out_of_range_weights_raise(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"DualHeadDistillationConfig\.{field} must be a finite number"):
+        DualHeadDistillationConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
+
+
+def test_distill_cli_rejects_nan_in_one_line(capsys):
+    from hf_collapse.cli import main
+
+    assert main(["distill", "--output_dir", "x", "--alpha", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "alpha must be a finite number >= 0, got nan" in err and "Traceback" not in err

@@ -135,3 +135,17 @@ def test_from_backbone_copies_pretrained_weights():
     bert = BertModel(tiny_bert())
     seq = DualHeadForSequenceClassification.from_backbone(bert, num_labels=2)
     torch.testing.assert_close(seq.backbone.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match=r"DualHeadConfig\.aux_hidden_size must be an integer >= 1, got '200'"):
+        DualHeadConfig(backbone_config=ResNetConfig(), aux_hidden_size="200")
+    with pytest.raises(ValueError, match="aux_dropout"):
+        DualHeadConfig(backbone_config=ResNetConfig(), aux_dropout=float("nan"))
+
+
+def test_feature_size_that_does_not_fit_the_backbone_says_so():
+    backbone = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    model = DualHeadForImageClassification(DualHeadConfig(backbone_config=backbone, num_labels=3, feature_size=32))
+    with pytest.raises(ValueError, match="16-wide features but the heads expect 32"):
+        model(pixel_values=torch.randn(2, 1, 28, 28))

@@ -47,3 +47,25 @@ def test_registration_in_fresh_process():
         "assert 'dual_head_classifier' in CONFIG_MAPPING\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_moved_name_still_resolves_with_a_warning():
+    import pytest
+
+    from hf_collapse.evals.sentiment_judge import HashedBowJudge
+
+    with pytest.warns(FutureWarning, match="hf_collapse.evals.sentiment_judge"):
+        assert hf_collapse.HashedBowJudge is HashedBowJudge
+    assert "HashedBowJudge" not in hf_collapse.__all__
+
+
+def test_import_registers_without_loading_trainers_processors_or_scripts():
+    """The front door does what its docstring says: only registration (the modeling packages) runs at import."""
+    code = (
+        "import sys, hf_collapse\n"
+        "heavy = [m for m in sys.modules if m.startswith(('hf_collapse.trainers', 'hf_collapse.processors',"
+        " 'hf_collapse.scripts', 'hf_collapse.evals', 'hf_collapse.metrics'))]\n"
+        "assert not heavy, heavy\n"
+        "assert 'transformers.trainer' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

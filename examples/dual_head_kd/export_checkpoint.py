@@ -25,7 +25,7 @@ def main() -> None:
     from transformers import AutoModelForImageClassification
 
     import hf_collapse  # noqa: F401
-    from hf_collapse.hub import make_model_card
+    from hf_collapse.model_cards import make_model_card
 
     model = AutoModelForImageClassification.from_pretrained(a.run, use_safetensors=True)
     result = json.loads((Path(a.run) / "distill_result.json").read_text())

@@ -53,8 +53,8 @@ def train_teacher(out: Path, data_dir: str, epochs: float, threads: int) -> Path
     from transformers import ResNetConfig, ResNetForImageClassification
 
     from hf_collapse import DualHeadDistillationTrainer
-    from hf_collapse.data import FASHION_MNIST_LABELS, FashionMNIST
-    from hf_collapse.trainers.cli import _accuracy
+    from hf_collapse.scripts.fashion_mnist import FASHION_MNIST_LABELS, FashionMNIST
+    from hf_collapse.scripts.distill import _accuracy
 
     path = out / "teacher"
     if (path / "model.safetensors").exists():
@@ -146,7 +146,7 @@ def main() -> None:
 
     import torch
 
-    from hf_collapse.trainers.cli import DistillScriptArguments, run_distillation
+    from hf_collapse.scripts.distill import DistillScriptArguments, run_distillation
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)

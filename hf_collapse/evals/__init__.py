@@ -1,1 +1,1 @@
-"""hf_collapse.evals"""
+"""Evaluations: passkey retrieval, per-position loss and state statistics, the hashed bag-of-words judge."""

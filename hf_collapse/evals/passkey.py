@@ -1,22 +1,17 @@
 """Passkey retrieval (Stuffed Mamba / Landmark Attention layout): accuracy over a context-length × depth grid.
 
-``hf-collapse passkey --model DIR --lengths 1024,4096 --depths 0,0.5,1 --output_dir out`` writes
+The command ``hf-collapse passkey --model DIR --lengths 1024,4096 --depths 0,0.5,1 --output_dir out`` writes
 ``passkey.json`` (the grid and every trial) and ``passkey.png`` (heatmap).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .common import ModelArguments
-
-__all__ = ["INSTRUCTION", "FILLER", "QUESTION", "build_passkey_prompt", "run_passkey", "plot_passkey", "passkey_main"]
+__all__ = ["INSTRUCTION", "FILLER", "QUESTION", "build_passkey_prompt", "run_passkey", "plot_passkey"]
 
 INSTRUCTION = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -123,43 +118,3 @@ def plot_passkey(result: dict, path, title: str = "passkey retrieval") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-@dataclass
-class PasskeyArguments(ModelArguments):
-    """Options of `hf-collapse passkey`."""
-
-    lengths: str = field(default="1024,2048,4096", metadata={"help": "Comma-separated context lengths (tokens)."})
-    depths: str = field(default="0,0.25,0.5,0.75,1", metadata={"help": "Comma-separated needle depths in [0, 1]."})
-    trials: int = field(default=1, metadata={"help": "Random keys per (length, depth) cell."})
-    max_new_tokens: int = field(default=5, metadata={"help": "Greedy tokens generated after the question."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random keys."})
-    output_dir: str = field(default="passkey_out", metadata={"help": "Where passkey.json and passkey.png go."})
-
-
-def passkey_main(argv: Sequence[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    from .common import load_model_and_tokenizer
-
-    parser = HfArgumentParser(PasskeyArguments, prog="hf-collapse passkey")
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv or []))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, **args.mitigation_overrides())
-    result = run_passkey(
-        model,
-        tokenizer,
-        [int(v) for v in args.lengths.split(",") if v.strip()],
-        [float(v) for v in args.depths.split(",") if v.strip()],
-        trials=args.trials,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    result["args"] = vars(args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "passkey.json").write_text(json.dumps(result, indent=1))
-    plot_passkey(result, out / "passkey.png", title=f"passkey: {Path(args.model).name}")
-    print(f"wrote {out / 'passkey.json'} and {out / 'passkey.png'}")
-    return 0

@@ -5,24 +5,20 @@ input length. After every step the recurrent state of every layer is read from t
 has linear-attention layers: RobustMamba2, transformers' Mamba2) and its mean, variance and Frobenius norm per
 (layer, head) are recorded. Losses are averaged in buckets of ``bucket_size`` positions.
 
-``hf-collapse position-loss --model DIR --text_file book.txt --max_tokens 65536 --output_dir out`` writes
+The command ``hf-collapse position-loss --model DIR --text_file book.txt --max_tokens 65536 --output_dir out`` writes
 ``position_loss.json``, ``position_loss.png`` and ``state_norms.png``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import ModelArguments, recurrent_states, state_statistics
+from .common import recurrent_states, state_statistics
 
-__all__ = ["position_loss", "plot_position_loss", "plot_state_norms", "position_loss_main", "PositionLossArguments"]
+__all__ = ["position_loss", "plot_position_loss", "plot_state_norms"]
 
 
 @torch.no_grad()
@@ -155,50 +151,3 @@ def plot_state_norms(results: dict, path, train_length: int | None = None, title
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-@dataclass
-class PositionLossArguments(ModelArguments):
-    """Options of `hf-collapse position-loss`."""
-
-    text_file: str | None = field(default=None, metadata={"help": "UTF-8 text to score (read whole)."})
-    synthetic: str | None = field(
-        default=None, metadata={"help": "'newlines': the paper's synthetic prompt, a long run of newline characters."}
-    )
-    max_tokens: int = field(default=65536, metadata={"help": "Score at most this many tokens."})
-    bucket_size: int = field(default=1024, metadata={"help": "Positions averaged per loss bucket."})
-    stats_every: int = field(default=128, metadata={"help": "Read state statistics every N tokens (feed step)."})
-    train_length: int | None = field(default=None, metadata={"help": "Training length, drawn as a line on plots."})
-    output_dir: str = field(default="position_loss_out", metadata={"help": "Where the JSON and PNG files go."})
-
-
-def position_loss_main(argv: Sequence[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    from .common import load_model_and_tokenizer
-
-    parser = HfArgumentParser(PositionLossArguments, prog="hf-collapse position-loss")
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv or []))
-    if (args.text_file is None) == (args.synthetic is None):
-        parser.error("give exactly one of --text_file and --synthetic")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, **args.mitigation_overrides())
-    if args.synthetic is not None:
-        if args.synthetic != "newlines":
-            parser.error(f"unknown --synthetic {args.synthetic!r} (known: newlines)")
-        ids = list(tokenizer.encode("\n" * 64, add_special_tokens=False))
-        ids = (ids * (args.max_tokens // max(1, len(ids)) + 1))[: args.max_tokens]
-    else:
-        ids = list(tokenizer.encode(Path(args.text_file).read_text(encoding="utf-8"), add_special_tokens=False))
-        ids = ids[: args.max_tokens]
-    result = position_loss(model, torch.tensor([ids]), bucket_size=args.bucket_size, stats_every=args.stats_every)
-    result["args"] = vars(args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "position_loss.json").write_text(json.dumps(result))
-    name = Path(args.model).name
-    plot_position_loss({name: result}, out / "position_loss.png", args.train_length, title=f"loss vs position: {name}")
-    plot_state_norms({name: result}, out / "state_norms.png", args.train_length, title=f"state norms: {name}")
-    print(f"wrote {out / 'position_loss.json'}, position_loss.png, state_norms.png")
-    return 0

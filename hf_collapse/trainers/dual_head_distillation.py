@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from ..validation import check_number
 from .distillation_losses import LOGIT_LOSSES, hinton_kd_loss
 
 __all__ = ["DualHeadDistillationConfig", "DualHeadDistillationTrainer", "MODES"]
@@ -65,14 +66,13 @@ class DualHeadDistillationConfig(TrainingArguments):
             raise ValueError(f"DualHeadDistillationConfig: mode must be one of {MODES}, got {self.mode!r}.")
         if self.logit_loss not in LOGIT_LOSSES:
             raise ValueError(f"DualHeadDistillationConfig: logit_loss must be one of {tuple(LOGIT_LOSSES)}.")
+        owner = "DualHeadDistillationConfig"
         for name in ("alpha", "gamma", "beta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DualHeadDistillationConfig: {name} must be >= 0, got {getattr(self, name)}.")
+            setattr(self, name, check_number(owner, name, getattr(self, name), minimum=0.0))
         for name in ("temperature", "kd_temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DualHeadDistillationConfig: {name} must be > 0, got {getattr(self, name)}.")
-        if self.logit_loss_until is not None and not 0.0 <= self.logit_loss_until <= 1.0:
-            raise ValueError("DualHeadDistillationConfig: logit_loss_until is a fraction of training in [0, 1].")
+            setattr(self, name, check_number(owner, name, getattr(self, name), minimum=0.0, exclusive_minimum=True))
+        self.logit_loss_until = check_number(owner, "logit_loss_until", self.logit_loss_until, minimum=0.0,
+                                             maximum=1.0, allow_none=True)  # fmt: skip
         if self.gradient_alignment and self.mode in ("ce", "logit"):
             raise ValueError(
                 f"DualHeadDistillationConfig: gradient_alignment needs two loss terms; mode={self.mode!r} has one."

@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
+from ...validation import check_number
+
 AUX_HEADS = ("linear", "mlp")
 POOLINGS = ("auto", "pooler", "cls", "mean", "avg")
 
@@ -74,10 +76,11 @@ class DualHeadConfig(PretrainedConfig):
             )
         if aux_head not in AUX_HEADS:
             raise ValueError(f"DualHeadConfig: aux_head must be one of {AUX_HEADS}, got {aux_head!r}.")
-        if aux_hidden_size < 1:
-            raise ValueError(f"DualHeadConfig: aux_hidden_size must be >= 1, got {aux_hidden_size}.")
-        if not 0.0 <= aux_dropout < 1.0:
-            raise ValueError(f"DualHeadConfig: aux_dropout must be in [0, 1), got {aux_dropout}.")
+        aux_hidden_size = check_number("DualHeadConfig", "aux_hidden_size", aux_hidden_size, integer=True, minimum=1)
+        aux_dropout = check_number("DualHeadConfig", "aux_dropout", aux_dropout, minimum=0.0, maximum=1.0,
+                                   exclusive_maximum=True)  # fmt: skip
+        feature_size = check_number("DualHeadConfig", "feature_size", feature_size, integer=True, minimum=1,
+                                    allow_none=True)  # fmt: skip
         if pooling not in POOLINGS:
             raise ValueError(f"DualHeadConfig: pooling must be one of {POOLINGS}, got {pooling!r}.")
         self.backbone_config = backbone_config

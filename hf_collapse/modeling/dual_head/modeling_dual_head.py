@@ -208,6 +208,12 @@ class _DualHeadClassifier(DualHeadPreTrainedModel):
         return_dict: bool | None,
     ) -> DualHeadClassifierOutput | tuple:
         pooled = self._pool(backbone_outputs, attention_mask)  # (B, d)
+        if pooled.shape[-1] != self.classifier.in_features:
+            raise ValueError(
+                f"the {self.config.backbone_config.model_type} backbone gives {pooled.shape[-1]}-wide features but the "
+                f"heads expect {self.classifier.in_features} (config.feature_size={self.config.feature_size}); leave "
+                f"feature_size unset to infer it, or set it to {pooled.shape[-1]}."
+            )
         logits = self.classifier(pooled)  # (B, C)
         aux_logits = self.aux_classifier(pooled)  # (B, C)
         loss = None

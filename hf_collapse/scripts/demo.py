@@ -9,23 +9,26 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..validation import check_number
+from .fashion_mnist import FASHION_MNIST_DIR
+from .utils import CHECKPOINTS_ENV, CommandError, checkpoints_dir, parse_args
+
 SECTIONS = ("air", "mamba", "dhkd")
 
 
 @dataclass
-class DemoArguments:
+class DemoScriptArguments:
     """Options of `hf-collapse demo`."""
 
     only: str | None = field(default=None, metadata={"help": f"Run one section only: one of {SECTIONS}."})
     checkpoints: str | None = field(
         default=None,
-        metadata={"help": "Folder of the bundled checkpoints (default: $HF_COLLAPSE_CHECKPOINTS or <repo>/checkpoints)."},
+        metadata={"help": "Folder of the bundled checkpoints (default: $HF_COLLAPSE_CHECKPOINTS, else the installed package's)."},
     )
     prompts: str = field(
         default="The movie|The book", metadata={"help": "'|'-separated prompts for the Air-Decoding section."}
@@ -34,25 +37,22 @@ class DemoArguments:
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per continuation."})
     mamba_tokens: int = field(default=8192, metadata={"help": "Length of the long input of the Mamba-2 section."})
     fashion_mnist_dir: str = field(
-        default="/usr/share/datasets/fashion-mnist", metadata={"help": "Folder of the Fashion-MNIST IDX files."}
+        default=FASHION_MNIST_DIR, metadata={"help": "Folder of the Fashion-MNIST IDX files."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's)."})
 
-
-def checkpoints_dir(arg: str | None = None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("HF_COLLAPSE_CHECKPOINTS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "checkpoints"
+    def __post_init__(self) -> None:
+        check_number("--", "strength", self.strength, minimum=0.0)
+        check_number("--", "max_new_tokens", self.max_new_tokens, integer=True, minimum=1)
+        check_number("--", "mamba_tokens", self.mamba_tokens, integer=True, minimum=16)
+        check_number("--", "threads", self.threads, integer=True, minimum=1, allow_none=True)
 
 
 def _need(path: Path) -> bool:
-    if path.is_dir():
+    if (path / "README.md").is_file():
         return True
-    print(f"  (skipped: bundled checkpoint {path} not found; set --checkpoints or HF_COLLAPSE_CHECKPOINTS)")
+    print(f"  (skipped: bundled checkpoint {path} not found; set --checkpoints or ${CHECKPOINTS_ENV})")
     return False
 
 
@@ -61,16 +61,16 @@ def _header(title: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def section_air(a: DemoArguments, ckpt: Path) -> None:
+def section_air(a: DemoScriptArguments, ckpt: Path) -> None:
     _header("Attribute collapse -> Air-Decoding (SmolLM2-135M + bundled sentiment prefixes)")
     prefixes, judge_dir = ckpt / "smollm2-135m-sentiment-prefixes", ckpt / "sentiment-judge"
     if not (_need(prefixes) and _need(judge_dir)):
         return
     import torch
 
-    from .evals.sentiment_judge import HashedBowJudge
-    from .processors.air_decoding import AirDecodingLogitsProcessor
-    from .processors.attribute_prefix_model import AttributePrefixModel
+    from ..evals.sentiment_judge import HashedBowJudge
+    from ..processors.air_decoding import AirDecodingLogitsProcessor
+    from ..processors.attribute_prefix_model import AttributePrefixModel
     from .smollm2 import load_smollm2
 
     model, tok = load_smollm2()
@@ -100,15 +100,15 @@ def section_air(a: DemoArguments, ckpt: Path) -> None:
         print(f"[{method:>8} | judge: {verdict:>8}] {text}")
 
 
-def section_mamba(a: DemoArguments, ckpt: Path) -> None:
+def section_mamba(a: DemoScriptArguments, ckpt: Path) -> None:
     _header("State collapse -> robust Mamba-2 (bundled robust-mamba2-tiny, long input)")
     path = ckpt / "robust-mamba2-tiny"
     if not _need(path):
         return
     import torch
 
-    from .evals.position_loss import position_loss
-    from .modeling.robust_mamba2 import RobustMamba2ForCausalLM
+    from ..evals.position_loss import position_loss
+    from ..modeling.robust_mamba2 import RobustMamba2ForCausalLM
 
     text_file = path / "demo_text.txt"
     if not text_file.is_file():
@@ -133,7 +133,7 @@ def section_mamba(a: DemoArguments, ckpt: Path) -> None:
         print(f"{b0['start']:>6}-{b0['end']:<7} | {b0['mean_loss']:>20.3f} | {b1['mean_loss']:>16.3f}")
 
 
-def section_dhkd(a: DemoArguments, ckpt: Path) -> None:
+def section_dhkd(a: DemoScriptArguments, ckpt: Path) -> None:
     _header("Head collapse -> dual-head KD (bundled dual-head-fashion-mnist student)")
     path = ckpt / "dual-head-fashion-mnist"
     if not _need(path):
@@ -141,7 +141,7 @@ def section_dhkd(a: DemoArguments, ckpt: Path) -> None:
     import torch
     from transformers import AutoModelForImageClassification
 
-    from .data import FashionMNIST
+    from .fashion_mnist import FashionMNIST
 
     try:
         test = FashionMNIST(a.fashion_mnist_dir, "test", limit=1000)
@@ -160,13 +160,11 @@ def section_dhkd(a: DemoArguments, ckpt: Path) -> None:
     print(f"  accuracy on the first 1000 test images: {100 * (pred == test.labels).float().mean():.1f}%")
 
 
-def demo_main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     """Entry point of `hf-collapse demo`."""
-    from transformers import HfArgumentParser
-
-    (a,) = HfArgumentParser(DemoArguments, prog="hf-collapse demo").parse_args_into_dataclasses(args=list(argv))
+    (a,) = parse_args([DemoScriptArguments], argv, prog="hf-collapse demo")
     if a.only is not None and a.only not in SECTIONS:
-        raise SystemExit(f"--only must be one of {SECTIONS}, got {a.only!r}")
+        raise CommandError(f"--only must be one of {SECTIONS}, got {a.only!r}")
     import torch
 
     if a.threads:

@@ -1,4 +1,4 @@
-"""Small dataset readers used by the experiments and the CLI (no downloads)."""
+"""Fashion-MNIST from the Debian package `dataset-fashion-mnist` (IDX files), for `distill`, the demo and examples."""
 
 from __future__ import annotations
 

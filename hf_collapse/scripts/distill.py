@@ -1,4 +1,10 @@
-"""`hf-collapse distill`: distil a teacher into a dual-head (or single-head baseline) student on Fashion-MNIST."""
+"""`hf-collapse distill`: distil a teacher into a dual-head (or single-head baseline) student on Fashion-MNIST.
+
+    hf-collapse distill --teacher TEACHER_DIR --output_dir out --mode dhkd --alpha 1 --num_train_epochs 3
+
+Options are `DistillScriptArguments` (data and student) and every field of `DualHeadDistillationConfig` under its
+`TrainingArguments` name.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DistillScriptArguments", "build_student", "run_distillation", "distill_main"]
+from .fashion_mnist import FASHION_MNIST_DIR
+from .utils import parse_args
+
+__all__ = ["DistillScriptArguments", "build_student", "run_distillation", "main"]
 
 
 @dataclass
@@ -20,7 +29,7 @@ class DistillScriptArguments:
         default=None, metadata={"help": "Folder of a trained teacher classifier (any AutoModelForImageClassification)."}
     )
     data_dir: str = field(
-        default="/usr/share/datasets/fashion-mnist",
+        default=FASHION_MNIST_DIR,
         metadata={"help": "Folder with the Fashion-MNIST IDX files (`apt-get install -y dataset-fashion-mnist`)."},
     )
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
@@ -67,8 +76,8 @@ def run_distillation(script_args: DistillScriptArguments, training_args: Any) ->
     import torch
     from transformers import AutoModelForImageClassification
 
-    from ..data import FASHION_MNIST_LABELS, FashionMNIST
-    from .dual_head_distillation import DualHeadDistillationTrainer
+    from ..trainers.dual_head_distillation import DualHeadDistillationTrainer
+    from .fashion_mnist import FASHION_MNIST_LABELS, FashionMNIST
 
     if script_args.threads:
         torch.set_num_threads(script_args.threads)
@@ -112,14 +121,11 @@ def run_distillation(script_args: DistillScriptArguments, training_args: Any) ->
     return result
 
 
-def distill_main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     """Entry point of `hf-collapse distill`."""
-    from transformers import HfArgumentParser
+    from ..trainers.dual_head_distillation import DualHeadDistillationConfig
 
-    from .dual_head_distillation import DualHeadDistillationConfig
-
-    parser = HfArgumentParser((DistillScriptArguments, DualHeadDistillationConfig), prog="hf-collapse distill")
-    script_args, training_args = parser.parse_args_into_dataclasses(args=list(argv))
+    script_args, training_args = parse_args([DistillScriptArguments, DualHeadDistillationConfig], argv, "hf-collapse distill")
     result = run_distillation(script_args, training_args)
     print(json.dumps({k: v for k, v in result.items() if k != "train_loss_curve"}, indent=2))
     return 0

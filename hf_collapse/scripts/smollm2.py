@@ -99,7 +99,7 @@ def smollm2_path() -> Path:
     out = cache_dir() / "smollm2-135m"
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
-    from .modeling.checkpoint_utils import atomic_directory_write
+    from ..modeling.checkpoint_utils import atomic_directory_write
 
     def build(tmp: str) -> None:
         if not _from_hub(Path(tmp)):

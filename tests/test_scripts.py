@@ -1,0 +1,127 @@
+"""The command line and its entry-point modules: dispatch, one-line errors, bundled checkpoints, the built wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from hf_collapse.cli import COMMANDS, main
+from hf_collapse.scripts.utils import bundled_checkpoint, checkpoints_dir
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = ("robust-mamba2-tiny", "dual-head-fashion-mnist", "smollm2-135m-sentiment-prefixes", "sentiment-judge")
+
+
+def test_every_command_has_a_main():
+    import importlib
+
+    for name, (_, module) in COMMANDS.items():
+        assert callable(importlib.import_module(f"hf_collapse.scripts.{module}").main), name
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["passkey", "--model", "m", "--lengths", "abc"], "--lengths must be a comma-separated list of int"),
+        (["passkey", "--model", "m", "--lengths", "-5"], "--lengths must be an integer >= 1"),
+        (["passkey", "--model", "m", "--trials", "0"], "--trials must be an integer >= 1"),
+        (["position-loss", "--model", "m", "--synthetic", "newlines", "--bucket_size", "0"], "--bucket_size"),
+        (["position-loss", "--model", "m", "--synthetic", "newlines", "--stats_every", "0"], "--stats_every"),
+        (["position-loss", "--model", "m"], "exactly one of --text_file and --synthetic"),
+        (["generate", "--model", "m", "--prefixes", "p", "--attribute", "a", "--strength", "-1", "x"], "--strength"),
+        (["generate", "--model", "m", "--prefixes", "p", "--attribute", "a", "--strength", "nan", "x"], "got nan"),
+        (["generate", "--model", "m", "--prefixes", "p", "--attribute", "a", ""], "prompt is empty"),
+        (["generate", "--model", "m", "--prefixes", "p", "--attribute", "a", "--num_samples", "0", "x"], "num_samples"),
+        (["demo", "--only", "nope"], "--only must be one of"),
+        (["demo", "--strength", "inf"], "--strength must be a finite number"),
+        (["train-prefixes", "--model", "m", "--data", "/no/such.jsonl", "--output_dir", "o"], "is not a file"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hf-collapse {argv[0]}: error: ") and message in err, err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_debug_env_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("HF_COLLAPSE_DEBUG", "1")
+    with pytest.raises(ValueError, match="--trials"):
+        main(["passkey", "--model", "m", "--trials", "0"])
+
+
+def test_bundled_checkpoints_are_package_data():
+    """Found through importlib.resources (inside the installed package), not through the source tree's layout."""
+    root = checkpoints_dir()
+    assert root.parts[-2:] == ("hf_collapse", "checkpoints")
+    for name in BUNDLED:
+        assert (bundled_checkpoint(name) / "README.md").is_file()
+    with pytest.raises(FileNotFoundError, match="HF_COLLAPSE_CHECKPOINTS"):
+        bundled_checkpoint("no-such-checkpoint")
+
+
+@pytest.mark.slow
+def test_built_wheel_runs_the_demo_from_an_empty_directory(tmp_path):
+    """`pip wheel .`, install it into a fresh venv that cannot see the source tree, run the demo from an empty dir.
+
+    The venv reaches the already-installed dependencies (torch, transformers, ...) through a plain path entry to
+    this interpreter's site-packages: a path line in a .pth file adds the folder without running the .pth files in
+    it, so the editable install of the source tree stays invisible.
+    """
+    wheel_dir, venv, empty = tmp_path / "wheel", tmp_path / "venv", tmp_path / "empty"
+    empty.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+                    "-w", str(wheel_dir)], check=True)  # fmt: skip
+    (wheel,) = wheel_dir.glob("hf_collapse-*.whl")
+    assert wheel.stat().st_size < 100 * 2**20, "the wheel must stay under PyPI's default 100 MB file limit"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    vpy = venv / "bin" / "python"
+    vsite = Path(subprocess.check_output([vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                         text=True).strip())  # fmt: skip
+    (vsite / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "-q", str(wheel)],
+                   check=True)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_COLLAPSE_CHECKPOINTS")}
+    where = subprocess.check_output([vpy, "-c", "import hf_collapse; print(hf_collapse.__file__)"], cwd=empty,
+                                    env=env, text=True).strip()  # fmt: skip
+    assert where.startswith(str(venv)), f"hf_collapse came from {where}, not the installed wheel"
+    exe = venv / "bin" / "hf-collapse"
+    out = subprocess.run([exe, "demo", "--only", "mamba", "--mamba_tokens", "1024", "--threads", "2"], cwd=empty,
+                         env=env, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "skipped" not in out and "loss, mitigated" in out, out
+    out = subprocess.run([exe, "demo", "--only", "dhkd"], cwd=empty, env=env, capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert "skipped" not in out and ("accuracy on" in out or "dataset-fashion-mnist" in out), out
+    assert list(empty.iterdir()) == []
+
+
+def test_train_prefixes_then_generate(tmp_path, capsys):
+    """`train-prefixes` takes `AttributePrefixConfig`'s own fields under their `TrainingArguments` names."""
+    from air_decoding_utils import tiny_gpt2, tiny_tokenizer, toy_dataset
+
+    model_dir = tmp_path / "lm"
+    tiny_gpt2().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    toy_dataset().to_json(str(data))
+    out = tmp_path / "prefixes"
+    rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
+               "negative", "--output_dir", str(out), "--num_virtual_tokens", "4", "--max_steps", "2",
+               "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--save_strategy", "no",
+               "--use_cpu"])  # fmt: skip
+    assert rc == 0 and (out / "attribute_prefixes.json").is_file()
+    rc = main(["generate", "--model", str(model_dir), "--prefixes", str(out), "--attribute", "positive", "--strength",
+               "140", "--num_samples", "2", "--max_new_tokens", "4", "the movie"])  # fmt: skip
+    assert rc == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("the movie")]
+    assert len(lines) == 2
+    assert main(["generate", "--model", str(model_dir), "--prefixes", str(out), "--attribute", "happy", "x"]) == 2
+    assert "unknown --attribute 'happy'" in capsys.readouterr().err
+    rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
+               "--output_dir", str(tmp_path / "one"), "--use_cpu"])  # fmt: skip
+    assert rc == 2 and "at least two attribute names" in capsys.readouterr().err
