@@ -1,9 +1,9 @@
-"""Hub distribution: model cards from `hub_cards/`, remote-code export, upload.
+"""Hub distribution: remote-code export and upload (model cards are built in `hf_collapse.model_cards`).
 
-* `make_model_card(kind, **facts)` builds a `huggingface_hub.ModelCard` from a template in `hub_cards/`.
 * `export_for_hub(model, out_dir)` writes a checkpoint that loads with `trust_remote_code=True` where hf-collapse
   is not installed: flat modeling files (relative imports within the folder only) and a complete `auto_map`.
-* `push(checkpoint_dir, repo_id)` uploads a folder with `HfApi.upload_folder`.
+* `push(checkpoint_dir, repo_id)` checks every file of a folder (`scan_for_upload`) and uploads it with
+  `HfApi.upload_folder`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 from .model_cards import CARD_KINDS, card_template_path, make_model_card
 from .version import __version__
 
-__all__ = ["CARD_KINDS", "make_model_card", "export_for_hub", "push", "card_template_path"]
+__all__ = ["CARD_KINDS", "make_model_card", "export_for_hub", "push", "scan_for_upload", "card_template_path"]
 
 # ------------------------------------------------------------------------------------------- remote code
 _RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)(\.+)([\w.]*)(\s+import\s+)", re.M)
@@ -93,31 +93,83 @@ def export_for_hub(model: Any, out_dir: str | os.PathLike, model_card: ModelCard
                 continue
             Path(folder, f"{file_of[name]}.py").write_text(_flatten(source))
 
+    if model_card is None and getattr(model, "model_card_kind", None):
+        model_card = make_model_card(model.model_card_kind, remote_code=True, **model.model_card_facts())
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, model_card=model_card)
+        write_code(folder)
+
+    from .modeling.checkpoint_utils import atomic_directory_write
+
+    # the weights, config and code are swapped in together: an interrupted export never leaves code of another version
     model.config.auto_map = auto_map
     try:
-        model.save_pretrained(out_dir, model_card=model_card)
+        atomic_directory_write(out_dir, write)
     finally:
         del model.config.auto_map
-    write_code(str(out_dir))
     return out_dir
+
+
+# files a Trainer or an interrupted save leaves beside a checkpoint: never published, skipped with a note
+_TRAINING_ARTEFACTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json")
+_TRAINING_ARTEFACT_PREFIXES = ("rng_state", "checkpoint-", "runs", ".")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")
+
+
+def scan_for_upload(checkpoint_dir: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """Check every file under `checkpoint_dir` before an upload.
+
+    Returns `(files to upload, {skipped path: why})` with paths relative to `checkpoint_dir`. Training artefacts
+    (`training_args.bin`, optimizer and scheduler states, `checkpoint-*/`, `runs/`) and hidden temporaries are
+    skipped. Raises `ValueError` naming the file for a pickle anywhere else (hf-collapse publishes safetensors only)
+    and `CorruptCheckpointError` for a truncated or corrupt safetensors file anywhere in the tree.
+    """
+    from .modeling.checkpoint_utils import check_safetensors_files
+
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    upload, skipped = [], {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(_TRAINING_ARTEFACT_PREFIXES) for part in rel.parts) or rel.name in _TRAINING_ARTEFACTS:
+            if path.is_file():
+                skipped[rel.as_posix()] = "training artefact or temporary file, not part of the model"
+            continue
+        if path.is_dir():
+            check_safetensors_files(path)
+            continue
+        if path.name.endswith(_PICKLE_SUFFIXES):
+            raise ValueError(
+                f"{path} is a pickle-format file ({path.suffix}); hf-collapse publishes safetensors only. Convert it "
+                "with safetensors.torch.save_file or remove it before pushing."
+            )
+        upload.append(rel.as_posix())
+    check_safetensors_files(root)
+    return upload, skipped
 
 
 def push(checkpoint_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
          commit_message: str | None = None) -> str:  # fmt: skip
-    """Create `repo_id` if needed and upload `checkpoint_dir` (weights must be safetensors). Returns the commit URL."""
+    """Create `repo_id` if needed and upload `checkpoint_dir` after `scan_for_upload` checked every file in it.
+
+    Training artefacts and temporaries are left out (each is named in a printed note). Returns the commit URL.
+    """
     from huggingface_hub import HfApi
 
-    from .modeling.checkpoint_utils import check_safetensors_files
-
     checkpoint_dir = Path(checkpoint_dir)
-    if any(checkpoint_dir.glob("*.bin")) or any(checkpoint_dir.glob("*.pt")):
-        raise ValueError(f"{checkpoint_dir} holds pickle weight files; hf-collapse publishes safetensors only.")
-    check_safetensors_files(checkpoint_dir)
+    upload, skipped = scan_for_upload(checkpoint_dir)
+    for rel, why in skipped.items():
+        print(f"[hf-collapse] not uploading {rel}: {why}")
+    if not upload:
+        raise ValueError(f"{checkpoint_dir} holds nothing to upload")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(
         folder_path=str(checkpoint_dir),
         repo_id=repo_id,
+        allow_patterns=upload,
         commit_message=commit_message or f"Upload {checkpoint_dir.name} with hf-collapse {__version__}",
     )
     return str(info)

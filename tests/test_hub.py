@@ -117,7 +117,7 @@ def test_export_for_hub_loads_without_hf_collapse(tmp_path, case):
         src = py.read_text()
         assert "from .." not in src
         assert "import hf_collapse" not in src and "from hf_collapse.hub" not in src.replace(
-            "from hf_collapse.hub import make_model_card", ""
+            "from hf_collapse.model_cards import make_model_card", ""
         )
     inputs = make_inputs()
     torch.save({"inputs": inputs, "logits": model(**inputs).logits.detach()}, tmp_path / "io.pt")
@@ -177,3 +177,96 @@ def test_push_uploads_folder_through_http_layer(tmp_path, monkeypatch):
     (tmp_path / "ckpt" / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="safetensors only"):
         push(tmp_path / "ckpt", "me/m", token="hf_fake")
+
+
+def test_exported_card_shows_trust_remote_code(tmp_path):
+    out = export_for_hub(tiny_model(), tmp_path / "export")
+    text = (out / "README.md").read_text()
+    assert "trust_remote_code=True" in text and "pip install hf-collapse" not in text
+    plain = tmp_path / "plain"
+    tiny_model().save_pretrained(plain)
+    assert "pip install hf-collapse" in (plain / "README.md").read_text()
+
+
+def test_scan_for_upload_checks_the_whole_tree(tmp_path):
+    from hf_collapse.hub import scan_for_upload
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt)
+    (ckpt / "training_args.bin").write_bytes(b"pickle")
+    (ckpt / "checkpoint-10").mkdir()
+    (ckpt / "checkpoint-10" / "optimizer.pt").write_bytes(b"pickle")
+    (ckpt / ".ckpt.tmp-abc").mkdir()
+    upload, skipped = scan_for_upload(ckpt)
+    assert set(upload) == {"config.json", "model.safetensors", "README.md"}
+    assert {"training_args.bin", "checkpoint-10/optimizer.pt"} <= set(skipped)
+    (ckpt / "sub").mkdir()
+    (ckpt / "sub" / "weights.pt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match=r"sub/weights\.pt is a pickle-format file"):
+        scan_for_upload(ckpt)
+    (ckpt / "sub" / "weights.pt").unlink()
+    (ckpt / "sub" / "w.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CorruptCheckpointError, match="w.safetensors"):
+        scan_for_upload(ckpt)
+
+
+def test_loading_a_folder_of_another_model_type_fails_before_building(tmp_path):
+    from hf_collapse import RobustMamba2ForCausalLM
+    from hf_collapse.modeling.checkpoint_utils import WrongCheckpointError
+
+    tiny_model().save_pretrained(tmp_path / "dual")
+    with pytest.raises(WrongCheckpointError, match="holds a 'dual_head_classifier' checkpoint"):
+        RobustMamba2ForCausalLM.from_pretrained(tmp_path / "dual")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(WrongCheckpointError, match="no config.json"):
+        RobustMamba2ForCausalLM.from_pretrained(tmp_path / "empty")
+    with pytest.raises(WrongCheckpointError, match="no config.json"):
+        DualHeadForImageClassification.from_pretrained(tmp_path / "empty")
+
+
+# a child process that keeps re-saving one checkpoint folder; the parent kills it at several points of a save
+_SAVER = """
+import sys, torch
+from transformers import ResNetConfig
+from hf_collapse import DualHeadForImageClassification
+cfg = ResNetConfig(num_channels=1, embedding_size=64, hidden_sizes=[128, 256], depths=[2, 2], layer_type="basic")
+model = DualHeadForImageClassification.from_backbone(cfg, num_labels=3)
+print("ready", flush=True)
+version = 0
+while True:
+    version += 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(version))
+    model.config.save_version = version
+    model.save_pretrained(sys.argv[1])
+"""
+
+
+def _check_consistent(path) -> int:
+    from safetensors.torch import load_file
+
+    version = json.loads((path / "config.json").read_text())["save_version"]
+    weights = load_file(path / "model.safetensors")
+    values = {float(t.flatten()[0]) for name, t in weights.items() if t.is_floating_point() and "running" not in name}
+    assert values == {float(version)}, (version, values)
+    return version
+
+
+def test_kill_during_save_leaves_old_or_new_never_a_mix(tmp_path):
+    import time
+
+    target = tmp_path / "ckpt"
+    seen = set()
+    for delay in (0.05, 0.15, 0.3, 0.5, 0.8, 1.2):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        if (target / "config.json").exists():
+            seen.add(_check_consistent(target))
+    assert seen, "no save finished in any run: the kill points never reached a finished checkpoint"
+    tiny_model().save_pretrained(target)  # the next save removes what the killed ones left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

@@ -12,13 +12,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CorruptCheckpointError", "SafeCheckpointMixin", "check_safetensors_files", "atomic_directory_write"]
+__all__ = [
+    "CorruptCheckpointError",
+    "SafeCheckpointMixin",
+    "WrongCheckpointError",
+    "atomic_directory_write",
+    "check_model_type",
+    "check_safetensors_files",
+    "remove_stale_temporaries",
+]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
 class CorruptCheckpointError(OSError):
     """A weight file of a checkpoint is truncated or corrupt."""
+
+
+class WrongCheckpointError(ValueError):
+    """A folder is not a checkpoint of the model class asked to load it (no config.json, another model_type)."""
 
 
 def check_safetensors_files(directory: str | os.PathLike) -> None:
@@ -36,26 +48,104 @@ def check_safetensors_files(directory: str | os.PathLike) -> None:
             ) from err
 
 
-def atomic_directory_write(target: str | os.PathLike, write: Any) -> None:
-    """Call `write(tmp_dir)`, then move its files into `target`.
+def check_model_type(directory: str | os.PathLike, config_class: Any) -> None:
+    """Raise `WrongCheckpointError` unless `directory/config.json` exists and names a model type `config_class` loads."""
+    import json
 
-    Nothing in `target` changes until `write` has finished, and each file is moved with an atomic `os.replace`, so an
-    interrupted save never leaves a half-written weight file. Weight files of an older checkpoint in `target` that
-    the new one does not have (e.g. stale shards) are removed.
+    accepted = (config_class.model_type, *getattr(config_class, "convertible_model_types", ()))
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        found = sorted(p.name for p in Path(directory).iterdir())[:8]
+        raise WrongCheckpointError(
+            f"{directory} has no config.json, so it is not a {config_class.model_type!r} checkpoint (found: {found}). "
+            "Pass the folder that save_pretrained wrote."
+        )
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise WrongCheckpointError(f"{config_file} is not a JSON object ({err}).") from err
+    if model_type not in accepted:
+        raise WrongCheckpointError(
+            f"{directory} holds a {model_type!r} checkpoint; {config_class.__name__} loads {list(accepted)}. Load it "
+            "with its own class, or with transformers' AutoModel* classes (hf-collapse registers its models there)."
+        )
+
+
+_TMP_TAG, _OLD_TAG = ".tmp-", ".old-"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link copy of `src` at `dst` (a plain copy where hard links are not possible): no data is duplicated."""
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(str(src), str(dst))
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> None:
+    """Delete the `.<name>.tmp-*` / `.<name>.old-*` siblings that an interrupted `atomic_directory_write` left."""
+    target = Path(target)
+    if target.parent.is_dir():
+        for tag in (_TMP_TAG, _OLD_TAG):
+            for stale in target.parent.glob(f".{target.name}{tag}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def atomic_directory_write(target: str | os.PathLike, write: Any) -> None:
+    """Call `write(tmp_dir)` on an empty temporary sibling of `target`, then swap it in as a whole.
+
+    A kill at any point leaves `target` holding either the complete old content or the complete new content, never
+    a mix: the new folder is finished before anything at `target` changes, and the swap is one atomic
+    `renameat2(RENAME_EXCHANGE)` on Linux (elsewhere two renames, with the old folder kept beside until the second
+    one is done). Entries of the old folder that the new write does not produce (a Trainer's `checkpoint-*` folders,
+    logs, a hand-written README) are carried over as hard links; stale weight files of the old checkpoint are not.
+    Temporaries left by an earlier interrupted write are removed first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}", dir=target.parent))
     try:
         write(str(tmp))
-        target.mkdir(exist_ok=True)
-        new_files = {p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()}
-        for old in target.iterdir():
-            if old.is_file() and old.name.endswith(_WEIGHT_SUFFIXES) and Path(old.name) not in new_files:
-                old.unlink()
-        for rel in sorted(new_files):
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / rel, target / rel)
+        if target.is_dir():
+            for old in target.iterdir():
+                if (tmp / old.name).exists() or old.is_symlink() and not old.exists():
+                    continue
+                if old.is_file() and old.name.endswith(_WEIGHT_SUFFIXES):
+                    continue  # a shard of the old checkpoint that the new one does not have
+                _link_tree(old, tmp / old.name)
+            if _exchange(tmp, target):
+                return  # tmp now holds the old folder; `finally` removes it
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD_TAG}", dir=target.parent))
+            os.replace(target, backup / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -104,10 +194,16 @@ class SafeCheckpointMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained` with `use_safetensors=True` and a clear error for corrupt weights."""
+        """`PreTrainedModel.from_pretrained` with `use_safetensors=True` and clear errors for wrong or corrupt folders.
+
+        A local folder must hold a `config.json` of this model's `model_type` (or of one the config converts, see
+        `convertible_model_types`) before anything is built: without it transformers would build a default-size model.
+        """
         kwargs.setdefault("use_safetensors", True)
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
+            if kwargs.get("config") is None:
+                check_model_type(path, cls.config_class)
             check_safetensors_files(path)
         from safetensors import SafetensorError
 
