@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     "DualHeadClassifierOutput": "hf_collapse.modeling.dual_head",
     "DualHeadDistillationConfig": "hf_collapse.trainers.dual_head_distillation",
     "DualHeadDistillationTrainer": "hf_collapse.trainers.dual_head_distillation",
+    "precompute_teacher_logits": "hf_collapse.trainers.teacher_logits",
     # robust Mamba-2
     "RobustMamba2Config": "hf_collapse.modeling.robust_mamba2",
     "RobustMamba2Model": "hf_collapse.modeling.robust_mamba2",
@@ -99,5 +100,6 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers only
     from .processors.attribute_prefix_model import AttributePrefixModel  # noqa: F401
     from .trainers.attribute_prefix import AttributePrefixConfig, AttributePrefixTrainer  # noqa: F401
     from .trainers.dual_head_distillation import DualHeadDistillationConfig, DualHeadDistillationTrainer  # noqa: F401
+    from .trainers.teacher_logits import precompute_teacher_logits  # noqa: F401
 
 register()

@@ -311,3 +311,102 @@ def test_distill_cli_rejects_nan_in_one_line(capsys):
     assert main(["distill", "--output_dir", "x", "--alpha", "nan"]) == 2
     err = capsys.readouterr().err
     assert "alpha must be a finite number >= 0, got nan" in err and "Traceback" not in err
+
+
+def _one_step_params(tmp_path, n, bs, ga, dataset=None, teacher=True, **kw):
+    torch.manual_seed(0)
+    t = BertForSequenceClassification(bert_cfg(num_labels=NUM_LABELS))
+    student = DualHeadForSequenceClassification(
+        DualHeadConfig(backbone_config=bert_cfg(), num_labels=NUM_LABELS, aux_head="linear")
+    )
+    args = make_args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1,
+                     optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, **kw)  # fmt: skip
+    data = dataset(t) if dataset is not None else TextData(n)
+    DualHeadDistillationTrainer(model=student, teacher_model=t if teacher else None, args=args,
+                                train_dataset=data).train()  # fmt: skip
+    return torch.cat([p.detach().flatten() for p in student.parameters()])
+
+
+def _conflicting_teacher(n):
+    """Cached teacher logits that favour the wrong class, so the distillation gradient opposes CE's."""
+    from hf_collapse.trainers.teacher_logits import TeacherLogitsDataset
+
+    def make(_teacher):
+        data = TextData(n)
+        logits = torch.full((n, NUM_LABELS), 4.0).scatter_(1, data.y[:, None], -4.0)
+        return TeacherLogitsDataset(data, {"teacher_logits": logits})
+
+    return make
+
+
+@pytest.mark.parametrize("mode, alignment", [("dhkd", False), ("naive", False), ("naive", True), ("dhkd", True)])
+def test_unequal_micro_batches_give_the_large_batch_update(tmp_path, mode, alignment):
+    """2 + 2 + 1 accumulated samples take the same step as one batch of 5, with and without gradient alignment."""
+    kw = dict(mode=mode, beta=0.5, alpha=3.0, gradient_alignment=alignment, dataset=_conflicting_teacher(5))
+    full = _one_step_params(tmp_path, 5, 5, 1, **kw)
+    split = _one_step_params(tmp_path, 5, 2, 3, **kw)
+    torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-6)
+
+
+def test_alignment_projects_the_accumulated_gradient_not_each_micro_batch(tmp_path):
+    """The check above could pass if no projection happened: the aligned step must differ from the plain one."""
+    kw = dict(mode="naive", alpha=3.0, dataset=_conflicting_teacher(5))
+    plain = _one_step_params(tmp_path, 5, 2, 3, **kw)
+    aligned = _one_step_params(tmp_path, 5, 2, 3, gradient_alignment=True, **kw)
+    assert not torch.allclose(plain, aligned)
+
+
+@pytest.mark.parametrize("as_hf_dataset", [False, True])
+def test_cached_teacher_logits_equal_the_live_teacher(tmp_path, as_hf_dataset):
+    from hf_collapse import precompute_teacher_logits
+
+    def cached(teacher):
+        data = TextData(8)
+        if as_hf_dataset:
+            import datasets
+
+            data = datasets.Dataset.from_dict({"input_ids": data.ids.tolist(), "labels": data.y.tolist()})
+        return precompute_teacher_logits(teacher, data, batch_size=3, dtype=torch.float32)
+
+    kw = dict(mode="dhkd", beta=0.5)
+    live = _one_step_params(tmp_path, 8, 4, 2, **kw)
+    offline = _one_step_params(tmp_path, 8, 4, 2, dataset=cached, teacher=False, **kw)
+    torch.testing.assert_close(offline, live, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_logits_storage_and_top_k(tmp_path):
+    import datasets
+
+    from hf_collapse import precompute_teacher_logits
+    from hf_collapse.trainers.teacher_logits import teacher_logits_from_batch
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(bert_cfg(num_labels=NUM_LABELS)).eval()
+    data = TextData(6)
+    with torch.no_grad():
+        reference = teacher(input_ids=data.ids).logits
+    hf = datasets.Dataset.from_dict({"input_ids": data.ids.tolist(), "labels": data.y.tolist()})
+    half = precompute_teacher_logits(teacher, hf, batch_size=4)
+    assert half.features["teacher_logits"].feature.dtype == "float16"
+    torch.testing.assert_close(torch.tensor(half["teacher_logits"]), reference, rtol=1e-3, atol=1e-3)
+    top = precompute_teacher_logits(teacher, data, top_k=2, dtype=torch.float32)
+    batch = torch.utils.data.default_collate([top[i] for i in range(len(top))])
+    dense = teacher_logits_from_batch(batch, NUM_LABELS)
+    kept = reference.topk(2, dim=-1)
+    torch.testing.assert_close(dense.gather(-1, kept.indices), kept.values)  # the kept classes are exact
+    dropped = torch.ones_like(dense, dtype=torch.bool).scatter_(-1, kept.indices, False)
+    smallest = kept.values[:, -1:].expand_as(dense)
+    torch.testing.assert_close(dense[dropped], smallest[dropped])  # the others get the smallest kept value
+    assert (reference[dropped] <= smallest[dropped]).all()  # an upper bound of the dropped logits
+    full = teacher_logits_from_batch(torch.utils.data.default_collate(
+        [precompute_teacher_logits(teacher, data, top_k=NUM_LABELS, dtype=torch.float32)[i] for i in range(6)]),
+        NUM_LABELS)  # fmt: skip
+    torch.testing.assert_close(full, reference)  # top_k = num_labels is exact
+    with pytest.raises(ValueError, match="top_k"):
+        precompute_teacher_logits(teacher, data, top_k=NUM_LABELS + 1)
+
+
+def test_no_teacher_and_no_cached_logits_says_how_to_fix(tmp_path):
+    _, student = image_pair()
+    with pytest.raises(ValueError, match="precompute_teacher_logits"):
+        DualHeadDistillationTrainer(model=student, args=make_args(tmp_path, mode="kd"), train_dataset=ImageData())

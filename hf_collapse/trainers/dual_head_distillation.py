@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from ..validation import check_number
 from .distillation_losses import LOGIT_LOSSES, hinton_kd_loss
+from .teacher_logits import TEACHER_COLUMNS, has_teacher_logits, teacher_logits_from_batch
 
 __all__ = ["DualHeadDistillationConfig", "DualHeadDistillationTrainer", "MODES"]
 
@@ -97,8 +98,11 @@ class DualHeadDistillationTrainer(Trainer):
     ) -> None:
         if not isinstance(args, DualHeadDistillationConfig):
             raise TypeError("DualHeadDistillationTrainer needs args=DualHeadDistillationConfig(...).")
-        if teacher_model is None and args.mode != "ce":
-            raise ValueError(f"DualHeadDistillationTrainer: mode={args.mode!r} needs a teacher_model.")
+        if teacher_model is None and args.mode != "ce" and not has_teacher_logits(kwargs.get("train_dataset")):
+            raise ValueError(
+                f"DualHeadDistillationTrainer: mode={args.mode!r} needs a teacher_model, or a train_dataset with cached "
+                "teacher logits (hf_collapse.precompute_teacher_logits)."
+            )
         if teacher_model is not None and model is not None:
             n_s = getattr(getattr(model, "config", None), "num_labels", None)
             n_t = getattr(getattr(teacher_model, "config", None), "num_labels", None)
@@ -112,9 +116,19 @@ class DualHeadDistillationTrainer(Trainer):
         if self.teacher is not None:
             self.teacher.requires_grad_(False).eval()
             self.teacher.to(self.accelerator.device)
-        # compute_loss returns a per-batch mean: the Trainer must still divide by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
+        # Have the Trainer count the labels of the whole accumulated batch (num_items_in_batch): compute_loss divides
+        # by that count, so an unequal last micro-batch weighs each sample as the equivalent large batch does.
+        # Classification labels are never shifted, so every label is one item.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = False
         self._loss_terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # gradient alignment over an accumulated batch: running sums of the two gradients (see _aligned_surrogate)
+        self._accumulated_grads: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the cached teacher columns are not arguments of the student's forward; keep them in the batches
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *TEACHER_COLUMNS]
 
     # ------------------------------------------------------------------------------------------------ loss
     def _alpha_now(self) -> float:
@@ -171,18 +185,38 @@ class DualHeadDistillationTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         labels = inputs.get("labels")
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in TEACHER_COLUMNS}
         outputs = model(**model_inputs)
         teacher_logits = None
-        if self.teacher is not None and self.args.mode != "ce":
-            with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits.detach()
+        if self.args.mode != "ce":
+            num_labels = getattr(getattr(self.accelerator.unwrap_model(model), "config", None), "num_labels", None)
+            teacher_logits = teacher_logits_from_batch(inputs, num_labels)
+            if teacher_logits is None:
+                if self.teacher is None:
+                    raise ValueError(
+                        f"mode={self.args.mode!r} needs a teacher_model or a dataset with cached teacher logits "
+                        "(hf_collapse.precompute_teacher_logits)."
+                    )
+                with torch.no_grad():
+                    teacher_logits = self.teacher(**model_inputs).logits.detach()
+            teacher_logits = teacher_logits.to(outputs["logits"].device)
         prob_part, distill_part, terms = self.loss_terms(outputs, teacher_logits, labels)
         parts = [p for p in (prob_part, distill_part) if p is not None]
+        if num_items_in_batch is not None and model.training:
+            # the loss terms are batch means; turn them into sums over this micro-batch divided by the number of
+            # items in the whole accumulated (and, under DDP, global) batch
+            scale = outputs["logits"].shape[0] / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                scale = scale * self.accelerator.num_processes  # DDP averages the gradients over processes
+            parts = [p * scale for p in parts]
+            self.loss_is_scaled_for_ga = True
+        else:
+            self.loss_is_scaled_for_ga = False  # a batch mean: the Trainer divides by the accumulation steps
         loss = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         if self.args.gradient_alignment and model.training and torch.is_grad_enabled() and len(parts) == 2:
-            loss, conflict = self._aligned_surrogate(model, prob_part, distill_part, loss)
-            terms["grad_conflict"] = conflict
+            loss, conflict = self._aligned_surrogate(model, parts[0], parts[1], loss)
+            if conflict is not None:
+                terms["grad_conflict"] = conflict
         split = "train" if model.training else "eval"
         if terms:
             names = list(terms)
@@ -195,27 +229,44 @@ class DualHeadDistillationTrainer(Trainer):
             return loss, outputs
         return loss
 
-    @staticmethod
     def _aligned_surrogate(
-        model: nn.Module, prob_part: torch.Tensor, distill_part: torch.Tensor, loss: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One-sided PCGrad, folded into a surrogate loss so the Trainer's own backward applies it.
+        self, model: nn.Module, prob_part: torch.Tensor, distill_part: torch.Tensor, loss: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One-sided PCGrad over the whole accumulated (and global) batch, folded into a surrogate loss.
 
-        g_ce = ∇ prob_part, g_kd = ∇ distill_part over the whole flattened parameter vector. If g_kd·g_ce < 0,
-        g_kd ← g_kd − (g_kd·g_ce)/‖g_ce‖²·g_ce. The surrogate Σ_p ⟨p, g_p⟩ has exactly g = g_ce + g_kd as its
-        gradient and the true loss as its value, so GA scaling, DDP reduction and clipping work unchanged.
+        With G_ce and G_kd the gradients of the two parts summed over the micro-batches of one optimizer step (and
+        averaged over processes), the update direction is G_ce + G_kd − min(0, G_kd·G_ce)/‖G_ce‖²·G_ce. Every
+        micro-batch contributes its own g_ce + g_kd; the last one of the step also carries the projection term,
+        computed from the running sums, so any split of the batch gives the large-batch update. The surrogate
+        Σ_p ⟨p, g_p⟩ has exactly that gradient and the true loss as its value, so the Trainer's own backward,
+        clipping and DDP reduction apply unchanged.
+
+        Returns the surrogate and, at the last micro-batch of a step, whether the two gradients conflicted.
         """
         params = [p for p in model.parameters() if p.requires_grad]
         g_ce = torch.autograd.grad(prob_part, params, retain_graph=True, allow_unused=True)
         g_kd = torch.autograd.grad(distill_part, params, allow_unused=True)
         g_ce = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_ce)]
         g_kd = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_kd)]
-        dot = sum((a * b).sum() for a, b in zip(g_kd, g_ce))
-        conflict = (dot < 0).float()
-        if dot < 0:
-            sq = sum((b * b).sum() for b in g_ce).clamp_min(1e-20)
-            g_kd = [a - (dot / sq) * b for a, b in zip(g_kd, g_ce)]
-        surrogate = sum((p * (a + b).detach()).sum() for p, a, b in zip(params, g_ce, g_kd))
+        if self._accumulated_grads is None:
+            self._accumulated_grads = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+        sum_ce, sum_kd = self._accumulated_grads
+        for acc, g in zip(sum_ce + sum_kd, g_ce + g_kd):
+            acc.add_(g)
+        step = [a + b for a, b in zip(g_ce, g_kd)]
+        conflict = None
+        if self.accelerator.sync_gradients:  # last micro-batch of the optimizer step
+            flat_ce, flat_kd = torch.cat([t.flatten() for t in sum_ce]), torch.cat([t.flatten() for t in sum_kd])
+            if self.accelerator.num_processes > 1:
+                both = self.accelerator.reduce(torch.stack([flat_ce, flat_kd]), reduction="mean")
+                flat_ce, flat_kd = both[0], both[1]
+            dot = flat_kd @ flat_ce
+            conflict = (dot < 0).float()
+            if dot < 0:
+                coef = dot / (flat_ce @ flat_ce).clamp_min(1e-20)
+                step = [s - coef * c for s, c in zip(step, sum_ce)]
+            self._accumulated_grads = None
+        surrogate = sum((p * g.detach()).sum() for p, g in zip(params, step))
         return loss.detach() + surrogate - surrogate.detach(), conflict
 
     # ------------------------------------------------------------------------------------------------- log
