@@ -96,15 +96,10 @@ def load_model():
 
 
 def make_prefixes(model, path: str) -> str:
-    from hf_collapse.trainers.attribute_prefix import (
-        AttributePrefixConfig,
-        AttributePrefixLM,
-        _peft_prefix_config,
-        save_attribute_prefixes,
-    )
+    from hf_collapse.modeling.attribute_prefixes import AttributePrefixLM, peft_prefix_config, save_attribute_prefixes
 
-    args = AttributePrefixConfig(output_dir=path, attributes=["positive", "negative"], use_cpu=True)
-    save_attribute_prefixes(AttributePrefixLM(model, args.attributes, _peft_prefix_config(model, args)), path)
+    lm = AttributePrefixLM(model, ["positive", "negative"], peft_prefix_config(model, num_virtual_tokens=20))
+    save_attribute_prefixes(lm, path)
     return path
 
 

@@ -137,21 +137,9 @@ def manual_prefixed_logits(base, adapter_dir: str, input_ids: torch.Tensor) -> t
 
 def make_checkpoint(base, path, attributes=("positive", "negative"), num_virtual_tokens: int = 4, seed: int = 1):
     """An attribute-prefix checkpoint with PEFT's random prefix init (no training): strong, distinct prefixes."""
-    from hf_collapse.trainers.attribute_prefix import (
-        AttributePrefixConfig,
-        AttributePrefixLM,
-        _peft_prefix_config,
-        save_attribute_prefixes,
-    )
+    from hf_collapse.modeling.attribute_prefixes import AttributePrefixLM, peft_prefix_config, save_attribute_prefixes
 
-    args = AttributePrefixConfig(
-        output_dir=str(path),
-        attributes=list(attributes),
-        num_virtual_tokens=num_virtual_tokens,
-        encoder_hidden_size=16,
-        use_cpu=True,
-    )
     torch.manual_seed(seed)
-    lm = AttributePrefixLM(base, list(attributes), _peft_prefix_config(base, args))
-    save_attribute_prefixes(lm, path)
+    cfg = peft_prefix_config(base, num_virtual_tokens, encoder_hidden_size=16)
+    save_attribute_prefixes(AttributePrefixLM(base, list(attributes), cfg), path)
     return path

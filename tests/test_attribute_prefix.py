@@ -1,4 +1,5 @@
-"""AttributePrefixTrainer: one PEFT prefix per attribute, checkpoint layout, init_text, GA equivalence, errors."""
+"""Attribute prefixes: the concept module (checkpoint reader/writer, prefixed forward) and AttributePrefixTrainer (one
+PEFT prefix per attribute, checkpoint layout, model card, init_text, GA equivalence, errors)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from air_decoding_utils import tiny_gpt2, tiny_llama, tiny_tokenizer, toy_dataset
+from air_decoding_utils import manual_prefixed_logits, tiny_gpt2, tiny_llama, tiny_tokenizer, toy_dataset
 from datasets import Dataset
 from huggingface_hub import ModelCard
 from peft import PeftModel
 
+import hf_collapse
 from hf_collapse import AttributePrefixConfig, AttributePrefixModel, AttributePrefixTrainer
+from hf_collapse.model_cards import make_model_card
+from hf_collapse.modeling import attribute_prefixes as ap
+from hf_collapse.modeling import checkpoint_utils
+from hf_collapse.modeling.attribute_prefixes import flat_prefix_to_layers
+from hf_collapse.modeling.checkpoint_utils import CorruptCheckpointError
 
 
 def _args(tmp_path, **kw) -> AttributePrefixConfig:
@@ -59,8 +66,16 @@ def test_train_save_and_load_with_plain_peft(make, tmp_path):
     assert index["attributes"] == ["positive", "negative"]
     assert index["num_virtual_tokens"] == 4
     assert "base_model" in index and index["hf_collapse_version"]
-    card = ModelCard.load(ckpt / "README.md")
+    card = ModelCard.load(ckpt / "README.md")  # from hub_cards/attribute_prefixes.md
     assert card.data.library_name == "hf-collapse" and "air-decoding" in card.data.tags
+    assert (
+        card.data.pipeline_tag == "text-generation"
+        and card.data.model_name == "air-decoding-prefixes-positive-negative"
+    )
+    assert card.data.base_model is None  # a model built in memory has no Hub id
+    assert "(positive, negative)" in card.text and "Prefix length 4." in card.text
+    assert 'AttributePrefixModel.from_pretrained(base, "air-decoding-prefixes-positive-negative")' in card.text
+    assert 'AirDecodingLogitsProcessor(attr, target="positive"' in card.text
     ids = torch.tensor([tiny_tokenizer()("the movie was great")["input_ids"]])
     am = AttributePrefixModel.from_pretrained(base, ckpt)
     assert am.attributes == ["positive", "negative"]
@@ -94,8 +109,6 @@ def test_init_text_copies_the_base_models_key_values(make, projection, tmp_path)
         cache = base(input_ids=ids, use_cache=True).cache
         for i in range(2):
             flat = trainer.model.flat_prefix(i)[None]
-            from hf_collapse.processors.attribute_prefix_model import flat_prefix_to_layers
-
             for (k, v), layer in zip(flat_prefix_to_layers(flat, trainer.model.shape), cache.layers):
                 torch.testing.assert_close(k, layer.keys, atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(v, layer.values, atol=1e-4, rtol=1e-4)
@@ -205,58 +218,6 @@ def test_torchrun_two_processes_save_one_checkpoint(tmp_path):
     AttributePrefixModel.from_pretrained(tiny_gpt2(), ckpt)
 
 
-def test_cli_train_prefixes_then_generate(tmp_path, capsys):
-    from hf_collapse.cli import main
-
-    model_dir = tmp_path / "lm"
-    tiny_gpt2().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "train.jsonl"
-    toy_dataset().to_json(str(data))
-    out = tmp_path / "prefixes"
-    rc = main(
-        [
-            "train-prefixes",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data),
-            "--attributes",
-            "positive,negative",
-            "--output",
-            str(out),
-            "--num-virtual-tokens",
-            "4",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "4",
-        ]
-    )
-    assert rc == 0 and (out / "attribute_prefixes.json").is_file()
-    rc = main(
-        [
-            "generate",
-            "--model",
-            str(model_dir),
-            "--prefixes",
-            str(out),
-            "--attribute",
-            "positive",
-            "--strength",
-            "140",
-            "--num-samples",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "the movie",
-        ]
-    )
-    assert rc == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("the movie")]
-    assert len(lines) == 2
-
-
 def test_evaluate_reports_the_token_mean_loss(tmp_path):
     trainer = AttributePrefixTrainer(
         model=tiny_gpt2(),
@@ -267,3 +228,199 @@ def test_evaluate_reports_the_token_mean_loss(tmp_path):
     )
     metrics = trainer.evaluate()
     assert 0 < metrics["eval_loss"] < 10
+
+
+@pytest.mark.parametrize("name,expected", [("org/tiny-gpt2", "org/tiny-gpt2"), ("ABS", None)])
+def test_model_card_names_only_hub_base_models(name, expected, tmp_path):
+    base = tiny_gpt2()
+    base.name_or_path = str(tmp_path / "local-lm") if name == "ABS" else name
+    trainer = AttributePrefixTrainer(
+        model=base, args=_args(tmp_path), train_dataset=toy_dataset(1), processing_class=tiny_tokenizer()
+    )
+    trainer.save_model(str(tmp_path / "ckpt"))
+    card = ModelCard.load(tmp_path / "ckpt" / "README.md")
+    assert card.data.base_model == expected
+    # the index records the name as given (it is what the prefixes were trained on), the card's YAML only a Hub id
+    index = json.loads((tmp_path / "ckpt" / "attribute_prefixes.json").read_text())
+    assert index["base_model"] == base.name_or_path
+    if expected is None:
+        assert str(tmp_path) not in card.content
+    else:
+        assert f'AutoModelForCausalLM.from_pretrained("{expected}")' in card.text
+
+
+# ----------------------------------------------------------------------------------------------- the concept module
+def _random_prefixes(base, attributes, p=4, seed=0):
+    """A PEFT config for ``base`` and one random flat prefix ``(P, L*2*token_dim)`` per attribute."""
+    cfg = ap.peft_prefix_config(base, p, encoder_hidden_size=16)
+    shape = ap.PrefixShape.from_peft_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+    return cfg, {a: torch.randn(p, shape.flat_dim, generator=g) for a in attributes}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def test_checkpoint_writer_reader_round_trip(tmp_path):
+    base = tiny_llama()
+    cfg, flats = _random_prefixes(base, ["positive", "negative"])
+    card = make_model_card("attribute_prefixes", model_id="m", attributes="positive, negative")
+    out = ap.write_attribute_prefixes(
+        tmp_path / "ckpt", ["positive", "negative"], flats, cfg, base_model="org/tiny-llama", model_card=card,
+        extra_index={"start_text": "<eos>"},
+    )  # fmt: skip
+    assert out == tmp_path / "ckpt"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staging folder left
+    assert sorted(os.listdir(out)) == ["README.md", "attribute_prefixes.json", "negative", "positive"]
+    index, prefixes, shape = ap.read_attribute_prefixes(out)
+    assert index == {
+        "format": ap.CHECKPOINT_FORMAT,
+        "attributes": ["positive", "negative"],
+        "base_model": "org/tiny-llama",
+        "num_virtual_tokens": 4,
+        "hf_collapse_version": hf_collapse.__version__,
+        "start_text": "<eos>",
+    }
+    assert list(prefixes) == ["positive", "negative"]
+    for a in prefixes:
+        torch.testing.assert_close(prefixes[a], flats[a], atol=0, rtol=0)
+    # GQA: the prefix holds the 2 key/value heads, not the 4 query heads
+    assert shape == ap.PrefixShape(num_virtual_tokens=4, num_layers=2, num_heads=2, head_dim=8)
+    adapter = json.loads((out / "positive" / ap.ADAPTER_CONFIG).read_text())
+    assert adapter["inference_mode"] is True and adapter["base_model_name_or_path"] == "org/tiny-llama"
+    assert ModelCard.load(out / "README.md").data.model_name == "m"
+
+    # overwrite with fewer attributes: the dropped attribute's folder goes, files that are not the checkpoint's stay
+    (out / "training_args.bin").write_bytes(b"x")
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "optimizer.pt").write_bytes(b"y")
+    ap.write_attribute_prefixes(out, ["negative"], [flats["positive"]], cfg)
+    assert sorted(os.listdir(out)) == [
+        "README.md",  # no new card given: the old one is kept
+        "attribute_prefixes.json",
+        "checkpoint-5",
+        "negative",
+        "training_args.bin",
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    ckpt = ap.read_attribute_prefixes(out)
+    assert ckpt.attributes == ["negative"] and ckpt.index["base_model"] == ""  # the in-memory model's empty name
+    torch.testing.assert_close(ckpt.prefixes["negative"], flats["positive"], atol=0, rtol=0)
+
+
+def test_writer_and_reader_reject_malformed_input(tmp_path):
+    base = tiny_gpt2()
+    cfg, flats = _random_prefixes(base, ["a", "b"])
+    with pytest.raises(ValueError, match="folder name"):
+        ap.write_attribute_prefixes(tmp_path / "x", ["../a"], [flats["a"]], cfg)
+    with pytest.raises(ValueError, match="shape"):
+        ap.write_attribute_prefixes(tmp_path / "x", ["a"], [flats["a"][:2]], cfg)
+    with pytest.raises(ValueError, match="own keys"):
+        ap.write_attribute_prefixes(tmp_path / "x", ["a"], [flats["a"]], cfg, extra_index={"attributes": []})
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(FileNotFoundError, match="not an attribute-prefix checkpoint"):
+        ap.read_attribute_prefixes(tmp_path)
+    ckpt = ap.write_attribute_prefixes(tmp_path / "ckpt", ["a", "b"], flats, cfg)
+    (ckpt / "b" / ap.ADAPTER_WEIGHTS).write_bytes((ckpt / "b" / ap.ADAPTER_WEIGHTS).read_bytes()[:-8])
+    with pytest.raises(CorruptCheckpointError, match="adapter_model.safetensors"):
+        ap.read_attribute_prefixes(ckpt)
+
+
+class _FailOnCall:
+    """Wraps a function; the ``n``-th call raises (once), the others go through."""
+
+    def __init__(self, fn, n):
+        self.fn, self.n, self.calls = fn, n, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError("disk full (simulated)")
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["second safetensors file", "carrying other files over", "swapping in"])
+def test_failed_write_leaves_the_old_checkpoint_byte_identical(where, tmp_path, monkeypatch):
+    base = tiny_gpt2()
+    cfg, old = _random_prefixes(base, ["positive", "negative"], seed=0)
+    card = make_model_card("attribute_prefixes", model_id="old", attributes="positive, negative")
+    ckpt = ap.write_attribute_prefixes(tmp_path / "ckpt", ["positive", "negative"], old, cfg, model_card=card)
+    (ckpt / "training_args.bin").write_bytes(b"keep me")
+    before = _snapshot(tmp_path)
+    _, new = _random_prefixes(base, ["positive", "negative", "neutral"], seed=1)
+    new_card = make_model_card("attribute_prefixes", model_id="new", attributes="positive, negative, neutral")
+    if where == "second safetensors file":
+        monkeypatch.setattr(ap, "save_file", _FailOnCall(ap.save_file, 2))
+    elif where == "carrying other files over":  # training_args.bin is hard-linked into the new folder
+        monkeypatch.setattr(checkpoint_utils, "_link_tree", _FailOnCall(checkpoint_utils._link_tree, 1))
+    else:
+        monkeypatch.setattr(checkpoint_utils, "_exchange", _FailOnCall(checkpoint_utils._exchange, 1))
+    with pytest.raises(OSError, match="simulated"):
+        ap.write_attribute_prefixes(ckpt, ["positive", "negative", "neutral"], new, cfg, model_card=new_card)
+    monkeypatch.undo()
+    assert _snapshot(tmp_path) == before  # same files, same bytes
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staging or backup folder left
+    index, prefixes, _ = ap.read_attribute_prefixes(ckpt)
+    assert index["attributes"] == ["positive", "negative"]
+    torch.testing.assert_close(prefixes["negative"], old["negative"], atol=0, rtol=0)
+
+    # a failed first save leaves nothing at all
+    monkeypatch.setattr(ap, "save_file", _FailOnCall(ap.save_file, 2))
+    with pytest.raises(OSError, match="simulated"):
+        ap.write_attribute_prefixes(tmp_path / "fresh", ["positive", "negative"], old, cfg)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_prefixed_forward_equals_peft_forward(make, tmp_path):
+    base = make()
+    cfg, flats = _random_prefixes(base, ["positive", "negative"])
+    ckpt = ap.write_attribute_prefixes(tmp_path / "ckpt", ["positive", "negative"], flats, cfg)
+    shape = ap.PrefixShape.from_peft_config(cfg)
+    tok = tiny_tokenizer()
+    long, short = tok("the movie was great and")["input_ids"], tok("i hated this")["input_ids"]
+    pad = len(long) - len(short)
+    # row 0 under "positive", row 1 left-padded under "negative": per-row prefixes in one forward
+    ids = torch.tensor([long, [1] * pad + short])
+    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    layers = ap.flat_prefix_to_layers(torch.stack([flats["positive"], flats["negative"]]), shape)
+    with torch.no_grad():
+        out = ap.prefixed_forward(base, ids, shape.num_virtual_tokens, prefix=layers, attention_mask=mask).logits
+        plain = base(input_ids=ids[:1]).logits
+    ref_pos = manual_prefixed_logits(base, str(ckpt / "positive"), ids[:1])
+    ref_neg = manual_prefixed_logits(base, str(ckpt / "negative"), torch.tensor([short]))
+    torch.testing.assert_close(out[0], ref_pos[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, pad:], ref_neg[0], atol=1e-5, rtol=1e-5)
+    assert (out[0] - plain[0]).abs().max() > 1e-2  # the prefix was not silently dropped
+
+    # continuing a cache gives the same logits as the one-shot forward
+    with torch.no_grad():
+        first = ap.prefixed_forward(
+            base, ids[:, :-2], shape.num_virtual_tokens, prefix=layers, attention_mask=mask[:, :-2], use_cache=True
+        )
+        rest = ap.prefixed_forward(
+            base, ids[:, -2:], shape.num_virtual_tokens, cache=first.cache, attention_mask=mask, use_cache=True
+        )
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        ap.prefixed_forward(base, ids, shape.num_virtual_tokens)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-sentiment-prefixes", "smollm2-135m-topic-prefixes"])
+def test_bundled_checkpoints_load_with_the_concept_reader(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / name
+    index, prefixes, shape = ap.read_attribute_prefixes(path)
+    assert index["start_text"] == "<|endoftext|>" and list(prefixes) == index["attributes"]
+    assert shape == ap.PrefixShape(num_virtual_tokens=20, num_layers=30, num_heads=3, head_dim=64)
+    # a tiny random LM with SmolLM2-135M's key/value geometry (30 layers, 3 KV heads of 64) stands in for it
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=32, num_hidden_layers=30, num_attention_heads=3,
+                    num_key_value_heads=3, head_dim=64)
+    ).eval()  # fmt: skip
+    am = AttributePrefixModel.from_pretrained(lm, path)
+    assert am.attributes == index["attributes"]
+    assert am(torch.tensor([[3, 4, 5]])).logits.shape == (len(prefixes), 1, 3, 50)

@@ -3,18 +3,17 @@
     python examples/air_decoding/export_checkpoint.py --task sentiment   # -> checkpoints/smollm2-135m-sentiment-prefixes
     python examples/air_decoding/export_checkpoint.py --task topic       # -> checkpoints/smollm2-135m-topic-prefixes
 
-Copies the PEFT adapters written by `run_experiment.py train` (in $HF_COLLAPSE_CACHE/experiment/prefixes_<task>),
-drops the Trainer's pickled `training_args.bin` (bundled checkpoints hold safetensors and JSON only), names the Hub
-base model in `attribute_prefixes.json`, records the prompt prefix the prefixes were trained with (`start_text`), and
-writes a model card with the experiment's table from docs/air_decoding.md.
+Reads the attribute prefixes written by `run_experiment.py train` (in $HF_COLLAPSE_CACHE/experiment/prefixes_<task>)
+and writes them again with `hf_collapse.modeling.attribute_prefixes.write_attribute_prefixes`: the Hub base model is
+named in `attribute_prefixes.json` and in every `adapter_config.json`, the prompt prefix the prefixes were trained with
+is recorded (`start_text`), the model card carries the experiment's table from docs/air_decoding.md, and the Trainer's
+pickled `training_args.bin` is left behind (bundled checkpoints hold safetensors and JSON only).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,27 +46,29 @@ def main() -> None:
     src = Path(a.src or CACHE / "experiment" / f"prefixes_{a.task}")
     out = Path(a.out or REPO / "checkpoints" / f"smollm2-135m-{a.task}-prefixes")
 
-    from hf_collapse.hub import make_model_card
-    from hf_collapse.modeling.checkpoint_utils import atomic_directory_write, check_safetensors_files
+    from peft import PrefixTuningConfig
 
-    index = json.loads((src / "attribute_prefixes.json").read_text())
-    for attr in index["attributes"]:
-        check_safetensors_files(src / attr)
-    index["base_model"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    index["start_text"] = START
+    from hf_collapse.model_cards import make_model_card
+    from hf_collapse.modeling.attribute_prefixes import read_attribute_prefixes, write_attribute_prefixes
+
+    # the reader validates every adapter (PEFT type, shapes, safetensors headers) before anything is written
+    index, prefixes, _ = read_attribute_prefixes(src)
+    attributes = index["attributes"]
+    peft_config = PrefixTuningConfig.from_pretrained(str(src / attributes[0]))
+    base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
     datasets = ["cornell-movie-review-data/rotten_tomatoes"] if a.task == "sentiment" else ["fancyzhx/ag_news"]
     card = make_model_card(
         "attribute_prefixes",
         model_id=out.name,
         repo_id=f"hf-collapse/{out.name}",
-        base_model=index["base_model"],
+        base_model=base_model,
         datasets=datasets,
         metrics=["accuracy", "perplexity"],
         license="apache-2.0",
         language="en",
-        attributes=", ".join(index["attributes"]),
-        example_target=index["attributes"][0],
+        attributes=", ".join(attributes),
+        example_target=attributes[0],
         model_description=(
             f"Prefix length {index['num_virtual_tokens']}; every training text started with `{START}`, so prepend it "
             "to prompts (`attribute_prefixes.json` records it as `start_text`). Short training (60 steps), "
@@ -78,19 +79,15 @@ def main() -> None:
         "accuracy was measured with a bag-of-words judge.",
     )
 
-    def write(tmp: str) -> None:
-        for attr in index["attributes"]:
-            shutil.copytree(src / attr, Path(tmp) / attr, ignore=shutil.ignore_patterns("*.bin", "README.md"))
-            cfg_path = Path(tmp) / attr / "adapter_config.json"
-            cfg = json.loads(cfg_path.read_text())
-            cfg["base_model_name_or_path"] = index["base_model"]
-            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-        Path(tmp, "attribute_prefixes.json").write_text(json.dumps(index, indent=2) + "\n")
-        card.save(str(Path(tmp) / "README.md"))
-
-    if out.exists():
-        shutil.rmtree(out)
-    atomic_directory_write(out, write)
+    write_attribute_prefixes(
+        out,
+        attributes,
+        prefixes,
+        peft_config,
+        base_model=base_model,
+        model_card=card,
+        extra_index={"start_text": START},
+    )
     print("saved", out, sorted(p.name for p in out.iterdir()))
 
 

@@ -1,4 +1,4 @@
-"""Get SmolLM2-135M-Instruct and cache a safetensors copy (a thin wrapper over `hf_collapse.smollm2`).
+"""Get SmolLM2-135M-Instruct and cache a safetensors copy (a thin wrapper over `hf_collapse.scripts.smollm2`).
 
     python examples/air_decoding/prepare_smollm2.py            # -> $HF_COLLAPSE_CACHE/smollm2-135m
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 def main() -> None:
     import torch
 
-    from hf_collapse.smollm2 import smollm2_path
+    from hf_collapse.scripts.smollm2 import smollm2_path
 
     torch.set_num_threads(1)
     print("saved", smollm2_path())

@@ -53,8 +53,8 @@ def train_teacher(out: Path, data_dir: str, epochs: float, threads: int) -> Path
     from transformers import ResNetConfig, ResNetForImageClassification
 
     from hf_collapse import DualHeadDistillationTrainer
-    from hf_collapse.scripts.fashion_mnist import FASHION_MNIST_LABELS, FashionMNIST
     from hf_collapse.scripts.distill import _accuracy
+    from hf_collapse.scripts.fashion_mnist import FASHION_MNIST_LABELS, FashionMNIST
 
     path = out / "teacher"
     if (path / "model.safetensors").exists():

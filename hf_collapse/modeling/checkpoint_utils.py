@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,12 @@ def _link_tree(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def remove_stale_temporaries(target: str | os.PathLike) -> None:
     """Delete the `.<name>.tmp-*` / `.<name>.old-*` siblings that an interrupted `atomic_directory_write` left."""
     target = Path(target)
@@ -115,28 +122,48 @@ def remove_stale_temporaries(target: str | os.PathLike) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def atomic_directory_write(target: str | os.PathLike, write: Any) -> None:
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, so that the swap never publishes files whose data is not on disk yet."""
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _is_weight_file(entry: Path) -> bool:
+    return entry.is_file() and entry.name.endswith(_WEIGHT_SUFFIXES)
+
+
+def atomic_directory_write(
+    target: str | os.PathLike, write: Callable[[str], Any], drop_old: Callable[[Path], bool] = _is_weight_file
+) -> None:
     """Call `write(tmp_dir)` on an empty temporary sibling of `target`, then swap it in as a whole.
 
     A kill at any point leaves `target` holding either the complete old content or the complete new content, never
     a mix: the new folder is finished before anything at `target` changes, and the swap is one atomic
     `renameat2(RENAME_EXCHANGE)` on Linux (elsewhere two renames, with the old folder kept beside until the second
     one is done). Entries of the old folder that the new write does not produce (a Trainer's `checkpoint-*` folders,
-    logs, a hand-written README) are carried over as hard links; stale weight files of the old checkpoint are not.
-    Temporaries left by an earlier interrupted write are removed first.
+    logs, a hand-written README) are carried over as hard links, except those `drop_old` says belong to the old
+    checkpoint (by default its weight files, e.g. stale shards). Temporaries left by an earlier interrupted write are
+    removed first.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." or "x/.." must name the folder itself, so tmp is a true sibling
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the checkpoint folder's mode
     try:
         write(str(tmp))
+        _fsync_tree(tmp)
         if target.is_dir():
             for old in target.iterdir():
-                if (tmp / old.name).exists() or old.is_symlink() and not old.exists():
+                if os.path.lexists(tmp / old.name) or drop_old(old):
                     continue
-                if old.is_file() and old.name.endswith(_WEIGHT_SUFFIXES):
-                    continue  # a shard of the old checkpoint that the new one does not have
                 _link_tree(old, tmp / old.name)
             if _exchange(tmp, target):
                 return  # tmp now holds the old folder; `finally` removes it

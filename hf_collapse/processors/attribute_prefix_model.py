@@ -5,8 +5,8 @@ attribute ``k`` on input ``b``) and the prefixes' key/value tensors are stacked 
 its own cache across decoding steps (``start`` / ``step`` / ``reorder``), because a ``LogitsProcessor`` sees neither
 the model outputs nor the cache of ``generate()``.
 
-Position convention: PEFT's. The prefix occupies positions ``0 .. P-1`` and real tokens start at ``P`` (for a
-left-padded row, its first real token is at ``P``). That is what ``PeftModel.forward`` does and what
+The checkpoint format, the prefix geometry and the prefixed forward (prefix mask columns, PEFT's position convention:
+real tokens start at ``P``) come from ``hf_collapse.modeling.attribute_prefixes``, the same code
 ``AttributePrefixTrainer`` trains with, so the logits here equal ``PeftModel``'s own forward with ``use_cache=False``.
 
 We never go through ``PeftModel.generate()``: with transformers 5.x + peft 0.21 it silently drops the prefix
@@ -15,69 +15,41 @@ We never go through ``PeftModel.generate()``: with transformers 5.x + peft 0.21 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-CHECKPOINT_INDEX = "attribute_prefixes.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+# the concept (format, geometry, prefixed forward) lives in modeling; CHECKPOINT_INDEX and the geometry helpers are
+# re-exported because code imported them from this module before they moved
+from ..modeling.attribute_prefixes import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_INDEX,
+    PrefixShape,
+    flat_prefix_to_layers,
+    layers_to_flat_prefix,
+    prefix_cache,
+    prefixed_forward,
+    prefixed_positions,
+    read_attribute_prefixes,
+)
 
-
-@dataclass(frozen=True)
-class PrefixShape:
-    """Geometry of one PEFT prefix: ``P`` virtual tokens, ``num_layers``, KV heads and head size."""
-
-    num_virtual_tokens: int
-    num_layers: int
-    num_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_peft_config(cls, cfg: Mapping | object) -> PrefixShape:
-        get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
-        heads = int(get("num_attention_heads"))
-        return cls(int(get("num_virtual_tokens")), int(get("num_layers")), heads, int(get("token_dim")) // heads)
-
-
-def flat_prefix_to_layers(flat: torch.Tensor, shape: PrefixShape) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Turn PEFT's flat prefix ``(B, P, num_layers * 2 * token_dim)`` into per-layer ``(key, value)`` pairs.
-
-    Each returned tensor is ``(B, heads, P, head_dim)``. The layout (layer ``l`` key at slot ``2l``, value at
-    ``2l + 1``) is the one ``PeftModel.get_prompt`` uses, so a saved ``prompt_embeddings`` tensor means the same
-    thing here as in PEFT.
-    """
-    b = flat.shape[0]
-    x = flat.view(b, shape.num_virtual_tokens, shape.num_layers * 2, shape.num_heads, shape.head_dim)
-    x = x.permute(2, 0, 3, 1, 4)  # (2L, B, H, P, hd)
-    return [(x[2 * i], x[2 * i + 1]) for i in range(shape.num_layers)]
-
-
-def layers_to_flat_prefix(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Inverse of :func:`flat_prefix_to_layers` for one row: per-layer ``(1, H, P, hd)`` pairs -> ``(P, L*2*H*hd)``."""
-    stacked = torch.stack([t[0] for kv in layers for t in kv])  # (2L, H, P, hd)
-    p = stacked.shape[2]
-    return stacked.permute(2, 0, 1, 3).reshape(p, -1)
-
-
-def prefix_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
-    """A fresh ``DynamicCache`` holding the given per-layer prefix key/values (one entry per row)."""
-    return DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in layers], config=config)
-
-
-def prefixed_positions(attention_mask: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:
-    """Position ids under PEFT's convention: the first real token of every row sits at position ``P``.
-
-    Pads (mask 0) get a harmless repeated position; they are masked out anyway.
-    """
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0) + num_virtual_tokens
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "CHECKPOINT_INDEX",
+    "AttributePrefixModel",
+    "AttributePrefixOutput",
+    "PrefixShape",
+    "flat_prefix_to_layers",
+    "layers_to_flat_prefix",
+    "prefix_cache",
+    "prefixed_positions",
+]
 
 
 @dataclass
@@ -119,50 +91,39 @@ class AttributePrefixModel(nn.Module):
     def from_pretrained(
         cls, base_model: PreTrainedModel | str, checkpoint_dir: str | Path, **model_kwargs
     ) -> AttributePrefixModel:
-        """Load an attribute-prefix checkpoint written by ``AttributePrefixTrainer.save_model``.
+        """Load an attribute-prefix checkpoint (``AttributePrefixTrainer.save_model``, ``write_attribute_prefixes``).
 
         ``base_model`` is a loaded causal LM, or a name/path passed to ``AutoModelForCausalLM.from_pretrained``.
         """
-        checkpoint_dir = Path(checkpoint_dir)
-        index_path = checkpoint_dir / CHECKPOINT_INDEX
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{checkpoint_dir} is not an attribute-prefix checkpoint (no {CHECKPOINT_INDEX})")
-        index = json.loads(index_path.read_text())
+        # read (and validate) the checkpoint before the possibly slow base model load
+        ckpt = read_attribute_prefixes(checkpoint_dir)
         if isinstance(base_model, str):
             base_model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
-        prefixes: dict[str, torch.Tensor] = {}
-        shape: PrefixShape | None = None
-        for attr in index["attributes"]:
-            sub = checkpoint_dir / attr
-            cfg = json.loads((sub / ADAPTER_CONFIG).read_text())
-            if cfg.get("peft_type") != "PREFIX_TUNING":
-                raise ValueError(f"{sub}: expected a PREFIX_TUNING adapter, got {cfg.get('peft_type')!r}")
-            s = PrefixShape.from_peft_config(cfg)
-            if shape is not None and s != shape:
-                raise ValueError(f"{sub}: prefix shape {s} differs from the other attributes' {shape}")
-            shape = s
-            prefixes[attr] = load_file(str(sub / ADAPTER_WEIGHTS))["prompt_embeddings"]
-        assert shape is not None
-        return cls(base_model, prefixes, shape)
+        return cls(base_model, ckpt.prefixes, ckpt.shape)
 
     # ------------------------------------------------------------------ properties
     @property
     def num_attributes(self) -> int:
+        """K, the number of attributes."""
         return len(self.attributes)
 
     @property
     def num_virtual_tokens(self) -> int:
+        """P, the prefix length."""
         return self.shape.num_virtual_tokens
 
     @property
     def vocab_size(self) -> int:
+        """Size of the base model's output vocabulary."""
         return self.base_model.get_output_embeddings().weight.shape[0]
 
     @property
     def device(self) -> torch.device:
+        """Device of the prefixes (and of the cache and logits)."""
         return self.prefix_k_0.device
 
     def attribute_index(self, attribute: str) -> int:
+        """Position of ``attribute`` in ``attributes`` (the K axis of the logits)."""
         if attribute not in self.attributes:
             raise ValueError(f"unknown attribute {attribute!r}; this checkpoint has {self.attributes}")
         return self.attributes.index(attribute)
@@ -193,22 +154,16 @@ class AttributePrefixModel(nn.Module):
         """
         b, t = input_ids.shape
         k = self.num_attributes
-        dev = self.device
-        input_ids = input_ids.to(dev)
         if cache is None:
             cache = self.prefix_cache(b)
-        if attention_mask is None:
-            past = cache.get_seq_length() - self.num_virtual_tokens
-            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=dev)
-        attention_mask = attention_mask.to(dev).long()
-        if position_ids is None:
-            position_ids = prefixed_positions(attention_mask, self.num_virtual_tokens)[:, -t:]
-        full_mask = torch.cat([attention_mask.new_ones(b, self.num_virtual_tokens), attention_mask], dim=1)
-        out = self.base_model(
-            input_ids=input_ids.repeat(k, 1),
-            attention_mask=full_mask.repeat(k, 1),
-            position_ids=position_ids.to(dev).repeat(k, 1),
+        # rows are attribute-major: row k * B + b is attribute k on input b
+        out = prefixed_forward(
+            self.base_model,
+            input_ids.to(self.device).repeat(k, 1),  # (K*B, T)
+            self.num_virtual_tokens,
             cache=cache,
+            attention_mask=None if attention_mask is None else attention_mask.to(self.device).repeat(k, 1),
+            position_ids=None if position_ids is None else position_ids.to(self.device).repeat(k, 1),
             use_cache=True,
         )
         return AttributePrefixOutput(logits=out.logits.view(k, b, t, -1), cache=out.cache)
@@ -220,6 +175,7 @@ class AttributePrefixModel(nn.Module):
 
     @property
     def started(self) -> bool:
+        """Whether ``start()`` was called since the last ``reset()``."""
         return self._state is not None
 
     @torch.no_grad()

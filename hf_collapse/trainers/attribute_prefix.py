@@ -3,42 +3,36 @@
 All attributes train in one run over one mixed dataset: every row is conditioned on its own attribute's prefix, so
 a batch mixes attributes and each prefix gets the gradient of its own rows only. The base LM stays frozen.
 
-``save_model(dir)`` writes an *attribute-prefix checkpoint*::
-
-    dir/attribute_prefixes.json    {"attributes", "base_model", "num_virtual_tokens", "hf_collapse_version", ...}
-    dir/<attribute>/adapter_config.json, adapter_model.safetensors   # plain PEFT prefix-tuning adapters
-    dir/README.md                  model card
-
-Each adapter folder loads on its own with ``PeftModel.from_pretrained(base, dir/<attribute>)``.
+The module trained (``AttributePrefixLM``), the prefixed forward and the checkpoint format live in
+``hf_collapse.modeling.attribute_prefixes``; this module holds the training recipe only. ``save_model(dir)`` writes
+an attribute-prefix checkpoint (``write_attribute_prefixes``) with a model card from ``hub_cards/attribute_prefixes.md``,
+plus the Trainer's usual ``training_args.bin``. Each adapter folder loads on its own with
+``PeftModel.from_pretrained(base, dir/<attribute>)``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from peft import PrefixTuningConfig, TaskType
-from peft.tuners.prefix_tuning import PrefixEncoder
-from safetensors.torch import save_file
-from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..processors.attribute_prefix_model import (
-    ADAPTER_WEIGHTS,
-    CHECKPOINT_INDEX,
-    PrefixShape,
-    flat_prefix_to_layers,
+from ..model_cards import make_model_card
+from ..modeling.attribute_prefixes import (
+    AttributePrefixLM,
     layers_to_flat_prefix,
-    prefix_cache,
-    prefixed_positions,
+    peft_prefix_config,
+    save_attribute_prefixes,
+    validate_attribute_names,
 )
-from ..version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import ModelCard
+
+__all__ = ["AttributePrefixConfig", "AttributePrefixTrainer"]
 
 
 @dataclass
@@ -77,92 +71,17 @@ class AttributePrefixConfig(TrainingArguments):
     )
     # a prefix trainer's extra column (attribute_ids) must survive the Trainer's column pruning
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the trainer tokenizes itself."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
 
     def __post_init__(self):
         super().__post_init__()
         if not self.attributes:
             raise ValueError("AttributePrefixConfig.attributes must name at least one attribute")
-        if len(set(self.attributes)) != len(self.attributes):
-            raise ValueError(f"duplicate attribute names in {self.attributes}")
-        for a in self.attributes:
-            # each attribute becomes a sub-folder of the checkpoint
-            if not a or a in {".", ".."} or "/" in a or "\\" in a or a.startswith("."):
-                raise ValueError(f"attribute name {a!r} cannot be used as a checkpoint folder name")
+        validate_attribute_names(self.attributes)
         if self.label_names is None:
             # the training module's forward has no `labels` argument, so the Trainer would not find it by itself
             self.label_names = ["labels"]
         if self.num_virtual_tokens < 1:
             raise ValueError("num_virtual_tokens must be >= 1")
-
-
-def _peft_prefix_config(base: PreTrainedModel, args: AttributePrefixConfig) -> PrefixTuningConfig:
-    """The ``PrefixTuningConfig`` PEFT itself would build for ``base`` (heads, token_dim, layers filled in)."""
-    # PEFT fills token_dim/num_layers/num_attention_heads (KV heads for GQA models) in this helper; reusing it keeps
-    # our adapters byte-compatible with what get_peft_model would produce.
-    from peft.utils.other import _prepare_prompt_learning_config
-
-    cfg = PrefixTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=args.num_virtual_tokens,
-        prefix_projection=args.prefix_projection,
-        encoder_hidden_size=args.encoder_hidden_size,
-    )
-    cfg = _prepare_prompt_learning_config(cfg, base.config.to_dict())
-    cfg.base_model_name_or_path = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
-    return cfg
-
-
-class AttributePrefixLM(nn.Module):
-    """The module the Trainer trains: a frozen causal LM plus one ``PrefixEncoder`` per attribute.
-
-    ``forward(input_ids, attention_mask, attribute_ids)`` conditions every row on its own attribute's prefix
-    (PEFT's position convention: real tokens start at position P) and returns the base model's output.
-    """
-
-    # makes the Trainer count label tokens over the whole accumulated batch (num_items_in_batch)
-    accepts_loss_kwargs = True
-
-    def __init__(self, base_model: PreTrainedModel, attributes: list[str], peft_config: PrefixTuningConfig):
-        super().__init__()
-        self.base_model = base_model
-        self.base_model.requires_grad_(False)
-        self.attributes = list(attributes)
-        self.peft_config = peft_config
-        self.shape = PrefixShape.from_peft_config(peft_config)
-        # ModuleDict keys cannot contain dots; attribute names can, so index by position
-        self.encoders = nn.ModuleDict({f"a{i}": PrefixEncoder(peft_config) for i in range(len(attributes))})
-        self.register_buffer("prefix_tokens", torch.arange(peft_config.num_virtual_tokens), persistent=False)
-        # Trainer reads model.config in a few places (e.g. use_cache, model card)
-        self.config = base_model.config
-
-    def flat_prefix(self, i: int) -> torch.Tensor:
-        """Attribute ``i``'s materialised prefix ``(P, num_layers * 2 * token_dim)``, PEFT's saved layout."""
-        return self.encoders[f"a{i}"](self.prefix_tokens)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attribute_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ):
-        b = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # compute each prefix once, then gather one per row
-        flats = torch.stack([self.flat_prefix(i) for i in range(len(self.attributes))])  # (K, P, D')
-        dtype = next(self.base_model.parameters()).dtype
-        rows = flats[attribute_ids].to(dtype)  # (B, P, D')
-        cache = prefix_cache(flat_prefix_to_layers(rows, self.shape), self.base_model.config)
-        p = self.shape.num_virtual_tokens
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1),
-            position_ids=prefixed_positions(attention_mask, p),
-            cache=cache,
-            use_cache=False,
-        )
 
 
 class _Collator:
@@ -221,7 +140,9 @@ class AttributePrefixTrainer(Trainer):
         if isinstance(model, AttributePrefixLM):
             prefix_lm = model
         else:
-            peft_cfg = _peft_prefix_config(model, args)
+            peft_cfg = peft_prefix_config(
+                model, args.num_virtual_tokens, args.prefix_projection, args.encoder_hidden_size
+            )
             prefix_lm = AttributePrefixLM(model, args.attributes, peft_cfg)
             if args.init_text is not None:
                 self._init_from_text(prefix_lm, processing_class, args.init_text)
@@ -330,59 +251,25 @@ class AttributePrefixTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         prefix_lm: AttributePrefixLM = self.accelerator.unwrap_model(self.model)
-        save_attribute_prefixes(prefix_lm, output_dir)
+        save_attribute_prefixes(prefix_lm, output_dir, model_card=self._model_card(prefix_lm))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-
-def save_attribute_prefixes(prefix_lm: AttributePrefixLM, output_dir: str | os.PathLike) -> None:
-    """Write the attribute-prefix checkpoint layout (see the module docstring) for ``prefix_lm``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    base_name = prefix_lm.peft_config.base_model_name_or_path
-    for i, attr in enumerate(prefix_lm.attributes):
-        sub = out / attr
-        sub.mkdir(exist_ok=True)
-        cfg = copy.deepcopy(prefix_lm.peft_config)
-        cfg.inference_mode = True  # what PEFT itself saves: the materialised prefix, no MLP
-        cfg.save_pretrained(str(sub))
-        with torch.no_grad():
-            flat = prefix_lm.flat_prefix(i).detach().float().cpu().contiguous()
-        save_file({"prompt_embeddings": flat}, str(sub / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    index = {
-        "format": "hf-collapse/attribute-prefixes",
-        "attributes": prefix_lm.attributes,
-        "base_model": base_name,
-        "num_virtual_tokens": prefix_lm.shape.num_virtual_tokens,
-        "hf_collapse_version": __version__,
-    }
-    (out / CHECKPOINT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    _write_model_card(out, prefix_lm.attributes, base_name, prefix_lm.shape.num_virtual_tokens)
+    def _model_card(self, prefix_lm: AttributePrefixLM) -> ModelCard:
+        """The checkpoint's card, from the ``attribute_prefixes`` template in ``hub_cards/``."""
+        attributes = prefix_lm.attributes
+        base = prefix_lm.peft_config.base_model_name_or_path
+        return make_model_card(
+            "attribute_prefixes",
+            model_id=f"air-decoding-prefixes-{'-'.join(attributes)}",
+            base_model=_hub_model_id(base),
+            attributes=", ".join(attributes),
+            example_target=attributes[0],
+            model_description=f"Prefix length {prefix_lm.shape.num_virtual_tokens}.",
+        )
 
 
-def _write_model_card(out: Path, attributes: list[str], base_model: str | None, num_virtual_tokens: int) -> None:
-    from huggingface_hub import ModelCard, ModelCardData
-
-    data = ModelCardData(
-        library_name="hf-collapse",
-        tags=["hf-collapse", "air-decoding", "peft", "prefix-tuning", "controllable-generation"],
-        base_model=base_model if base_model and not os.path.isabs(base_model) else None,
-        pipeline_tag="text-generation",
-    )
-    attrs = ", ".join(f"`{a}`" for a in attributes)
-    description = (
-        f"Air-Decoding attribute prefixes ({attrs}), one PEFT prefix-tuning adapter of {num_virtual_tokens} "
-        f"virtual tokens per attribute, trained with `hf_collapse.AttributePrefixTrainer` on a frozen "
-        f"`{base_model}`.\n\n"
-        "Use for controlled generation:\n\n"
-        "```python\n"
-        "from hf_collapse import AttributePrefixModel, AirDecodingLogitsProcessor\n"
-        "am = AttributePrefixModel.from_pretrained(base_model, checkpoint_dir)\n"
-        f"proc = AirDecodingLogitsProcessor(am, target={attributes[0]!r}, strength=140.0)\n"
-        "model.generate(**inputs, do_sample=True, top_k=200, logits_processor=[proc])\n"
-        "```\n\n"
-        "Each sub-folder is a plain PEFT adapter: `PeftModel.from_pretrained(base, dir/<attribute>)`."
-    )
-    card = ModelCard.from_template(
-        data, model_id=f"air-decoding-prefixes-{'-'.join(attributes)}", model_description=description
-    )
-    card.save(str(out / "README.md"))
+def _hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id; ``None`` for a local folder (the card's YAML may only name Hub ids)."""
+    if not name or os.path.isabs(name) or os.path.isdir(name):
+        return None
+    return name
