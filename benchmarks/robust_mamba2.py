@@ -9,7 +9,8 @@ Parts (issue 3, "Performance"):
   threads). Mitigations off, then each on. Ratio = baseline time / ours time is printed as "speed".
 - memory: peak RSS increase of a 256K-token forward (tiny config, ``logits_to_keep=1``) over a 16K-token one, each in
   a fresh subprocess; also transformers at both lengths.
-- latency: per-token decode latency (tiny config) at position 64K vs 1K, mitigations off, M2 and M3.
+- latency: per-token decode latency (tiny config) at position 64K vs 1K, mitigations off, ``state_norm_max``
+  and ``sliding_window``.
 - decode: ``generate()`` tokens/s at batch 1 (130m-shaped, all 24 layers; 8-token prompt, 16 new tokens, prefill
   included) vs transformers, next to the memory-bandwidth limit (fp32 weight bytes / measured copy bandwidth).
 
@@ -50,9 +51,9 @@ M130 = dict(
 OFF = dict(insertion_scale=1.0, decay_scale=1.0, state_norm_max=None, state_norm_every=128, sliding_window=None)
 MITIGATIONS = {
     "off": {},
-    "M1": dict(insertion_scale=0.5, decay_scale=1.5),
-    "M2": dict(state_norm_max=1.0, state_norm_every=128),
-    "M3": dict(sliding_window=1024),
+    "scales": dict(insertion_scale=0.5, decay_scale=1.5),
+    "state_norm_max": dict(state_norm_max=1.0, state_norm_every=128),
+    "sliding_window": dict(sliding_window=1024),
 }
 
 
@@ -167,7 +168,7 @@ def bench_memory(args):
 def bench_latency(args):
     from hf_collapse.modeling.robust_mamba2 import RobustMamba2Cache
 
-    for mit_name in ("off", "M2", "M3"):
+    for mit_name in ("off", "state_norm_max", "sliding_window"):
         _, ours = _pair(TINY, **MITIGATIONS[mit_name])
         caches = {}
         for pos in (1024, 65536):

@@ -3,9 +3,9 @@
 Per layer and head (1-indexed positions t):
     Δ_t = clamp(softplus(dt_t + dt_bias)),  A = −exp(A_log)·decay_scale,  B_t ← insertion_scale·B_t
     h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ                          (x_t: head_dim, B_t: state)
-    M3: y_t = C_t·(h_t − exp(A·Σ_{j=b+1..t} Δ_j)·h_b),  b = r·max(0, ⌈t/r⌉ − 2)   else y_t = C_t·h_t
+    sliding_window r: y_t = C_t·(h_t − exp(A·Σ_{j=b+1..t} Δ_j)·h_b),  b = r·max(0, ⌈t/r⌉ − 2)   else y_t = C_t·h_t
     y_t += D·x_t
-    M2: if t % S == 0: h_t ← h_t·min(1, τ/‖h_t‖_F)   (after y_t is read)
+    state_norm_max τ, state_norm_every S: if t % S == 0: h_t ← h_t·min(1, τ/‖h_t‖_F)   (after y_t is read)
 No chunking, no segments, no cache: every state h_t is kept and the equations are applied literally.
 """
 

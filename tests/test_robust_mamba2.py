@@ -22,8 +22,7 @@ from hf_collapse import (
     convert_mamba_ssm_checkpoint,
     recommended_training_length,
 )
-from hf_collapse.modeling.robust_mamba2 import RobustMamba2Cache
-from hf_collapse.modeling.robust_mamba2.modeling_robust_mamba2 import RobustMamba2Mixer
+from hf_collapse.modeling.robust_mamba2 import RobustMamba2Cache, RobustMamba2CacheLayer, resolve_kernels
 
 torch.set_num_threads(1)
 
@@ -127,13 +126,15 @@ def test_weight_names_identical_to_mamba2():
 # ----------------------------------------------------------------------------------------------------------------
 
 MITIGATIONS = {
-    "M1-insertion": dict(insertion_scale=0.4),
-    "M1-decay": dict(decay_scale=3.0),
-    "M2": dict(state_norm_max=0.002, state_norm_every=5),
-    "M2-per-head": dict(state_norm_max=[[0.001, 0.002, 1e3, 0.0005], [0.0005, 0.001, 0.0002, 1e3]], state_norm_every=4),
-    "M3": dict(sliding_window=6),
-    "M1+M2": dict(insertion_scale=0.6, decay_scale=1.5, state_norm_max=0.001, state_norm_every=5),
-    "M1+M3": dict(insertion_scale=0.6, decay_scale=1.5, sliding_window=5),
+    "insertion_scale": dict(insertion_scale=0.4),
+    "decay_scale": dict(decay_scale=3.0),
+    "state_norm_max": dict(state_norm_max=0.002, state_norm_every=5),
+    "state_norm_max-per-head": dict(
+        state_norm_max=[[0.001, 0.002, 1e3, 0.0005], [0.0005, 0.001, 0.0002, 1e3]], state_norm_every=4
+    ),
+    "sliding_window": dict(sliding_window=6),
+    "scales+state_norm_max": dict(insertion_scale=0.6, decay_scale=1.5, state_norm_max=0.001, state_norm_every=5),
+    "scales+sliding_window": dict(insertion_scale=0.6, decay_scale=1.5, sliding_window=5),
 }
 
 
@@ -149,11 +150,14 @@ def test_mitigation_matches_reference_in_all_modes(name):
         assert (logits - expected).abs().max() < TOL, (name, mode)
 
 
-@pytest.mark.parametrize("name", ["M2", "M1+M3"])
-def test_decoding_through_transformers_kernel_functions(name, monkeypatch):
+@pytest.mark.parametrize("name", ["state_norm_max", "scales+sliding_window"])
+def test_decoding_through_transformers_kernel_functions(name):
     """On GPU decoding goes through mamba2_selective_state_update / causal_conv1d_update; same result on CPU."""
-    monkeypatch.setattr(RobustMamba2Mixer, "force_kernel_functions", True)
     model = _robust(**MITIGATIONS[name])
+    kernels = resolve_kernels(cpu_fast_paths=False)
+    assert not kernels.cpu_steps and not kernels.torch_scan
+    for block in model.backbone.layers:
+        block.mixer.kernel_functions = kernels
     ids = _ids()
     assert (_decoded(model, ids) - reference_logits(model, ids).float()).abs().max() < TOL
 
@@ -194,6 +198,15 @@ def test_padding_mask_matches_transformers():
 def test_bad_config_raises(bad, message):
     with pytest.raises(ValueError, match=message):
         RobustMamba2Config(**TINY, **bad)
+
+
+def test_misspelt_field_raises_with_suggestion():
+    with pytest.raises(TypeError, match="did you mean 'sliding_window'"):
+        RobustMamba2Config(**TINY, sliding_windw=64)
+    with pytest.raises(TypeError, match="did you mean 'state_norm_every'"):
+        RobustMamba2Config(**TINY, state_norm_evry=16)
+    # keys that resemble no field are kept, as transformers does (checkpoints carry extra metadata)
+    assert RobustMamba2Config(**TINY, train_length=64).train_length == 64
 
 
 def test_bad_fields_set_after_construction_are_caught_by_the_model():
@@ -320,7 +333,7 @@ def test_generate_greedy_matches_transformers():
     assert torch.equal(ours.generate(ids, **kw), hf.generate(ids, **kw))
 
 
-@pytest.mark.parametrize("name", ["M2", "M1+M3"])
+@pytest.mark.parametrize("name", ["state_norm_max", "scales+sliding_window"])
 def test_generate_with_mitigation_consistent_with_full_forward(name):
     """Greedy decoding with the cache equals re-running the whole sequence each step (use_cache=False)."""
     model = _robust(**MITIGATIONS[name])
@@ -352,10 +365,33 @@ def test_plain_dynamic_cache_is_upgraded():
     with torch.no_grad():
         a = model(ids[:, :20], cache=cache, use_cache=True).logits
         b = model(ids[:, 20:], cache=cache, use_cache=True).logits
-    assert isinstance(cache.layers[0], hf_collapse.modeling.robust_mamba2.RobustMamba2CacheLayer)
+    assert isinstance(cache.layers[0], RobustMamba2CacheLayer)
     assert cache.layers[0].seen_tokens == T
     assert (torch.cat([a, b], 1) - reference_logits(model, ids).float()).abs().max() < TOL
     assert isinstance(RobustMamba2Cache(config=model.config).layers[1], type(cache.layers[1]))
+
+
+def test_cache_layers_are_built_as_robust_layers_and_foreign_caches_are_refused():
+    model = _robust(sliding_window=4)
+    cache = RobustMamba2Cache(config=model.config)
+    assert [type(layer) for layer in cache.layers] == [RobustMamba2CacheLayer] * TINY["num_hidden_layers"]
+    lazy = RobustMamba2Cache()  # without a config the layers are added on first use
+    ids = _ids(length=9)
+    with torch.no_grad():
+        expected = model(ids, cache=RobustMamba2Cache(config=model.config), use_cache=True).logits
+        assert torch.equal(model(ids, cache=lazy, use_cache=True).logits, expected)
+        assert torch.equal(model(ids, cache=DynamicCache(), use_cache=True).logits, expected)
+    assert len(lazy.layers) == TINY["num_hidden_layers"] and lazy.layers[1].seen_tokens == 9
+    # a cache that already holds another model's state cannot be taken over
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(**TINY)).eval()
+    with torch.no_grad():
+        used = hf(ids, use_cache=True).cache
+        with pytest.raises(ValueError, match="RobustMamba2Cache"):
+            model(ids, cache=used, use_cache=True)
+    # generate() runs on its own RobustMamba2Cache
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert isinstance(out.cache, RobustMamba2Cache) and out.cache.layers[0].seen_tokens == 11
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,7 +410,7 @@ def test_calibrate_state_norms():
     calibrate_state_norms(model, ids, margin=1.0, write_to_config=True)
     assert model.config.state_norm_max == caps
     with torch.no_grad():
-        # the caps are the maxima seen at exactly the positions M2 checks, so on the same text nothing is cut
+        # the caps are the maxima seen at exactly the positions where the cap is checked, so on the same text nothing is cut
         assert (model(ids).logits - uncapped).abs().max() < TOL
     calibrate_state_norms(model, ids, margin=0.3, write_to_config=True)
     with torch.no_grad():

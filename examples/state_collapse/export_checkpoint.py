@@ -4,7 +4,8 @@
         --out checkpoints/robust-mamba2-tiny
 
 Takes the trained weights in `<run>/model`, writes the calibrated per-(layer, head) state-norm caps that the
-experiment logged (calibrated on training text within T_train only, every 16 tokens) into the config (M2 on), and
+experiment logged (calibrated on training text within T_train only, every 16 tokens) into the config
+(`state_norm_max` on), and
 adds `demo_text.txt`: 16 KB of a held-out State of the Union address (US government work, public domain; from
 ../shared/data/corpus/state_union.zip, never used for training or calibration) for `hf-collapse demo`.
 """
@@ -22,6 +23,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+# run labels of logs written before the labels named the config fields (the paper's numbering) -> current labels
+_OLD_LABEL_PREFIXES = {"M1 ": "", "M2 ": "state_norm_max ", "M3 window ": "sliding_window="}
+
+
+def _label(name: str) -> str:
+    for old, new in _OLD_LABEL_PREFIXES.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run", default=str(HERE / "out"))
@@ -36,7 +48,7 @@ def main() -> None:
     run = Path(a.run)
     log = (run / "log.txt").read_text()
     caps = json.loads(re.findall(r"calibrated state_norm_max \(layer x head\): (\[.*\])", log)[-1])
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^(no mitigation|M1 [^:]+|M2 [^:]+|M3 [^:]+): loss.*$", log, re.M)}
+    rows = {_label(m.group(1)): m.group(0) for m in re.finditer(r"^([^:\n]+): loss.*$", log, re.M)}
     model = RobustMamba2ForCausalLM.from_pretrained(run / "model", state_norm_max=caps, state_norm_every=16)
     model.config.train_length = 64
     model.config.tokenizer = "bytes (token id = UTF-8 byte value)"
@@ -59,7 +71,8 @@ def main() -> None:
         model_description=(
             "A byte-level, 2-layer Mamba-2 (0.27M parameters) trained at T_train = 64 with 4 of 8 heads per layer "
             "frozen to a 4K-token half-life: a controlled model of a pretrained checkpoint that never learned to "
-            "forget. Its config switches on M2 state normalisation with caps calibrated on training text."
+            "forget. Its config switches on state normalisation (`state_norm_max`) with caps calibrated on training "
+            "text."
         ),
         mitigations=f"state_norm_max = calibrated per (layer, head), state_norm_every = 16 (from {run.name}/log.txt)",
         results_table=table,

@@ -216,10 +216,10 @@ def main() -> int:
 
     variants = {
         "no mitigation": {},
-        "M1 decay_scale=4": {"decay_scale": 4.0},
-        "M1 insertion_scale=0.5": {"insertion_scale": 0.5},
-        "M2 calibrated, every 16": {"state_norm_max": caps, "state_norm_every": 16},
-        f"M3 window {args.train_length}": {"sliding_window": args.train_length},
+        "decay_scale=4": {"decay_scale": 4.0},
+        "insertion_scale=0.5": {"insertion_scale": 0.5},
+        "state_norm_max calibrated, every 16": {"state_norm_max": caps, "state_norm_every": 16},
+        f"sliding_window={args.train_length}": {"sliding_window": args.train_length},
     }
     defaults = dict(
         insertion_scale=1.0, decay_scale=1.0, state_norm_max=None, state_norm_every=128, sliding_window=None
@@ -254,13 +254,13 @@ def main() -> int:
 
     tok = ByteTokenizer()
     grids = {}
-    for name in ("no mitigation", f"M3 window {args.train_length}"):
+    for name in ("no mitigation", f"sliding_window={args.train_length}"):
         for k, v in {**defaults, **variants[name]}.items():
             setattr(model.config, k, v)
         grid = run_passkey(model, tok, [256, 1024, 4096], [0.0, 0.5, 1.0], trials=2, max_new_tokens=8, progress=False)
         grids[name] = grid
         log(f"passkey {name}: {grid['accuracy']}")
-        slug = "none" if name == "no mitigation" else "m3"
+        slug = "none" if name == "no mitigation" else "window"
         plot_passkey(grid, args.out / f"passkey_{slug}.png", title=f"passkey, {name}")
     (args.out / "passkey.json").write_text(json.dumps(grids, indent=1))
     log("done")

@@ -1,9 +1,10 @@
-"""Helpers for choosing mitigation settings: state-norm calibration (M2) and the paper's T_forget fit."""
+"""Helpers for choosing mitigation settings: ``state_norm_max`` calibration and the paper's T_forget fit."""
 
 from __future__ import annotations
 
 import torch
 
+from .cache_robust_mamba2 import RobustMamba2Cache
 from .configuration_robust_mamba2 import RobustMamba2Config
 
 __all__ = ["calibrate_state_norms", "recommended_training_length", "state_elements"]
@@ -20,22 +21,20 @@ def calibrate_state_norms(
     """Per-(layer, head) maximum Frobenius norm of the SSM state over in-distribution input.
 
     Use text *within the training length* (the states the model has learned to handle), never the evaluation text.
-    The model is run with its current M1 settings and without M2, in steps of ``every`` tokens (default
-    ``config.state_norm_every``, i.e. where M2 checks the norm), and the state norm is read from the cache after
-    each step.
+    The model is run with its current ``insertion_scale`` / ``decay_scale`` and without ``state_norm_max``, in
+    steps of ``every`` tokens (default ``config.state_norm_every``, i.e. where the cap is checked), and the state
+    norm is read from the cache after each step.
 
     Args:
         model: a ``RobustMamba2ForCausalLM`` (or ``RobustMamba2Model``).
         input_ids: (batch, length) token ids; every row is one in-distribution sequence.
         margin: factor applied to the maxima (e.g. 1.1 allows 10% more than seen).
-        write_to_config: also set ``model.config.state_norm_max`` to the result (turns M2 on).
+        write_to_config: also set ``model.config.state_norm_max`` to the result (turns the cap on).
         every: step, in tokens, between norm readings.
 
     Returns:
         A (num_hidden_layers, num_heads) list of caps τ = margin · max norm.
     """
-    from .modeling_robust_mamba2 import RobustMamba2Cache
-
     config: RobustMamba2Config = model.config
     if margin <= 0:
         raise ValueError(f"margin must be > 0, got {margin}")

@@ -1,10 +1,12 @@
-"""Configuration of the state-collapse-robust Mamba-2 (Stuffed Mamba mitigations M1, M2, M3)."""
+"""Configuration of the state-collapse-robust Mamba-2 (the training-free mitigations of "Stuffed Mamba")."""
 
 from __future__ import annotations
 
-import math
+import inspect
 
 from transformers import Mamba2Config
+
+from ...validation import check_known_fields, check_number
 
 __all__ = ["RobustMamba2Config"]
 
@@ -18,6 +20,17 @@ MITIGATION_FIELDS = (
     "max_segment_length",
 )
 
+# keys that older transformers versions wrote to config.json: not fields any more, but not typos either
+_LEGACY_CONFIG_KEYS = ("use_return_dict", "tie_encoder_decoder", "sep_token_id")
+
+_KNOWN_FIELDS = (
+    *MITIGATION_FIELDS,
+    *(name for name in inspect.signature(Mamba2Config.__init__).parameters if name != "self"),
+    *_LEGACY_CONFIG_KEYS,
+)
+
+_OWNER = "RobustMamba2Config"
+
 
 class RobustMamba2Config(Mamba2Config):
     r"""
@@ -30,21 +43,21 @@ class RobustMamba2Config(Mamba2Config):
     every token the model has seen, across segments, chained forward calls and decoding steps.
 
     insertion_scale (`float`, *optional*, defaults to 1.0):
-        (M1, "remember less") B_t ← insertion_scale · B_t, after the convolution and SiLU. Must be > 0.
+        "Remember less": B_t ← insertion_scale · B_t, after the convolution and SiLU. Must be > 0.
     decay_scale (`float`, *optional*, defaults to 1.0):
-        (M1, "forget more") α_t ← α_t ** decay_scale: the decay exponent Δ_t·A is multiplied by it while the
-        insertion term Δ_t·B_t·x_t is unchanged. Values > 1 forget more. Must be > 0.
+        "Forget more": α_t ← α_t ** decay_scale: the decay exponent Δ_t·A is multiplied by it while the insertion
+        term Δ_t·B_t·x_t is unchanged. Values > 1 forget more. Must be > 0.
     state_norm_max (`float` or `list[list[float]]`, *optional*):
-        (M2, state normalisation) a cap τ on the Frobenius norm of each head's state, one float for all, or one per
+        State normalisation: a cap τ on the Frobenius norm of each head's state, one float for all, or one per
         (layer, head) with shape (num_hidden_layers, num_heads). After the state update at every position t with
         `t % state_norm_every == 0`, h_t ← h_t · min(1, τ / ‖h_t‖_F), per batch row, layer and head. The output y_t
         at that position still reads the state before the cap; the cap acts on the state carried forward.
         Calibrate it on in-distribution text within the training length with
         [`~hf_collapse.calibrate_state_norms`].
     state_norm_every (`int`, *optional*, defaults to 128):
-        (M2) period S, in tokens, of the norm check (the paper's reference code uses 128).
+        Period S, in tokens, of the `state_norm_max` check (the paper's reference code uses 128).
     sliding_window (`int`, *optional*):
-        (M3, sliding window by state difference) with r = sliding_window, the output at position t reads
+        Sliding window by state difference: with r = sliding_window, the output at position t reads
         h_t − exp(A·decay_scale·Σ_{j=b+1..t} Δ_j)·h_b with b = r·max(0, ⌈t/r⌉ − 2), i.e. exactly the contributions of
         tokens b+1..t: between r+1 and 2r tokens (the window is chunked so only two boundary states are kept). The
         recurrent state itself stays the full h_t. Cannot be combined with `state_norm_max`, because the state
@@ -64,6 +77,8 @@ class RobustMamba2Config(Mamba2Config):
     """
 
     model_type = "robust_mamba2"
+    # checkpoints of these types load too (get_config_dict rewrites their model_type)
+    convertible_model_types = ("mamba2",)
 
     # int is accepted too (JSON and CLI users write 1 for 1.0); values are normalised to float in __post_init__
     insertion_scale: float | int = 1.0
@@ -74,6 +89,9 @@ class RobustMamba2Config(Mamba2Config):
     max_segment_length: int = 4096
 
     def __post_init__(self, **kwargs):
+        # keywords that are not fields arrive here (transformers keeps them as extra attributes): refuse the ones that
+        # look like a misspelt field, which would otherwise silently leave a mitigation off
+        check_known_fields(_OWNER, kwargs, _KNOWN_FIELDS)
         super().__post_init__(**kwargs)
         self.check_mitigations()
 
@@ -84,61 +102,39 @@ class RobustMamba2Config(Mamba2Config):
         ``from_pretrained(..., **kwargs)`` or by ``calibrate_state_norms``).
         """
         for name in ("insertion_scale", "decay_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"RobustMamba2Config.{name} must be a finite number > 0 (1.0 = off), got {value!r}.")
-            setattr(self, name, float(value))
-        if (
-            isinstance(self.state_norm_every, bool)
-            or not isinstance(self.state_norm_every, int)
-            or self.state_norm_every < 1
-        ):
-            raise ValueError(f"RobustMamba2Config.state_norm_every must be an int >= 1, got {self.state_norm_every!r}.")
-        if self.sliding_window is not None and (
-            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
-        ):
-            raise ValueError(
-                f"RobustMamba2Config.sliding_window must be None or an int >= 1, got {self.sliding_window!r}."
-            )
-        if (
-            isinstance(self.max_segment_length, bool)
-            or not isinstance(self.max_segment_length, int)
-            or self.max_segment_length < 1
-        ):
-            raise ValueError(
-                f"RobustMamba2Config.max_segment_length must be an int >= 1, got {self.max_segment_length!r}."
-            )
+            setattr(self, name, check_number(_OWNER, name, getattr(self, name), minimum=0, exclusive_minimum=True))
+        check_number(_OWNER, "state_norm_every", self.state_norm_every, integer=True, minimum=1)
+        check_number(_OWNER, "sliding_window", self.sliding_window, integer=True, minimum=1, allow_none=True)
+        check_number(_OWNER, "max_segment_length", self.max_segment_length, integer=True, minimum=1)
         tau = self.state_norm_max
-        if tau is not None:
-            if self.sliding_window is not None:
-                raise ValueError(
-                    "RobustMamba2Config: state_norm_max (M2) cannot be combined with sliding_window (M3): the "
-                    "sliding window subtracts a decayed earlier state, which is only exact for the linear "
-                    "recurrence that the norm cap breaks. Use one of them (M1 combines with either)."
-                )
-            if isinstance(tau, (list, tuple)):
-                shape_ok = len(tau) == self.num_hidden_layers and all(
-                    isinstance(row, (list, tuple)) and len(row) == self.num_heads for row in tau
-                )
-                if not shape_ok:
-                    got = [len(row) if isinstance(row, (list, tuple)) else type(row).__name__ for row in tau]
-                    raise ValueError(
-                        "RobustMamba2Config.state_norm_max must be one float or a list of shape (num_hidden_layers, "
-                        f"num_heads) = ({self.num_hidden_layers}, {self.num_heads}); got {len(tau)} rows of lengths {got}."
-                    )
-                values = [v for row in tau for v in row]
-            else:
-                values = [tau]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                    raise ValueError(f"RobustMamba2Config.state_norm_max values must be finite numbers > 0, got {v!r}.")
-            self.state_norm_max = (
-                [[float(v) for v in row] for row in tau] if isinstance(tau, (list, tuple)) else float(tau)
+        if tau is None:
+            return
+        if self.sliding_window is not None:
+            raise ValueError(
+                f"{_OWNER}: state_norm_max cannot be combined with sliding_window: the sliding window subtracts a "
+                "decayed earlier state, which is only exact for the linear recurrence that the norm cap breaks. Use "
+                "one of them (insertion_scale and decay_scale combine with either)."
             )
+        if isinstance(tau, (list, tuple)):
+            shape_ok = len(tau) == self.num_hidden_layers and all(
+                isinstance(row, (list, tuple)) and len(row) == self.num_heads for row in tau
+            )
+            if not shape_ok:
+                got = [len(row) if isinstance(row, (list, tuple)) else type(row).__name__ for row in tau]
+                raise ValueError(
+                    f"{_OWNER}.state_norm_max must be one float or a list of shape (num_hidden_layers, num_heads) = "
+                    f"({self.num_hidden_layers}, {self.num_heads}); got {len(tau)} rows of lengths {got}."
+                )
+            self.state_norm_max = [
+                [check_number(_OWNER, "state_norm_max", v, minimum=0, exclusive_minimum=True) for v in row]
+                for row in tau
+            ]
+        else:
+            self.state_norm_max = check_number(_OWNER, "state_norm_max", tau, minimum=0, exclusive_minimum=True)
 
     @property
     def has_mitigations(self) -> bool:
-        """Whether any of M1, M2, M3 changes the computation."""
+        """Whether any mitigation field changes the computation."""
         return (
             self.insertion_scale != 1.0
             or self.decay_scale != 1.0
@@ -147,7 +143,7 @@ class RobustMamba2Config(Mamba2Config):
         )
 
     def state_norm_caps(self, layer_idx: int) -> list[float] | None:
-        """The M2 caps τ of one layer, one per head, or None when M2 is off."""
+        """The ``state_norm_max`` caps τ of one layer, one per head, or None when the cap is off."""
         tau = self.state_norm_max
         if tau is None:
             return None
