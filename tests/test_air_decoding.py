@@ -221,16 +221,83 @@ def test_bad_arguments_raise_clear_errors(gpt2_setup):
         proc(torch.tensor([[5, 6]]), torch.randn(1, VOCAB + 3))
 
 
-def test_reuse_without_reset_raises_and_reset_allows_reuse(gpt2_setup):
+def test_consecutive_generate_calls_reuse_one_processor(gpt2_setup):
     base, _, am = gpt2_setup
     proc = AirDecodingLogitsProcessor(am, "positive", 10.0)
-    prompt = _ids("the movie")
-    first = base.generate(input_ids=prompt, logits_processor=[proc], max_new_tokens=3, do_sample=False, pad_token_id=1)
-    with pytest.raises(ValueError, match="reset"):
-        base.generate(input_ids=prompt, logits_processor=[proc], max_new_tokens=3, do_sample=False, pad_token_id=1)
-    proc.reset()
-    again = base.generate(input_ids=prompt, logits_processor=[proc], max_new_tokens=3, do_sample=False, pad_token_id=1)
+    kw = dict(logits_processor=[proc], max_new_tokens=3, do_sample=False, pad_token_id=1)
+    first = base.generate(input_ids=_ids("the movie"), **kw)
+    other = base.generate(input_ids=_ids("i hated this"), **kw)
+    again = base.generate(input_ids=_ids("the movie"), **kw)
     assert again.tolist() == first.tolist()
+    fresh = base.generate(input_ids=_ids("i hated this"), logits_processor=[AirDecodingLogitsProcessor(am, "positive",
+                          10.0)], max_new_tokens=3, do_sample=False, pad_token_id=1)  # fmt: skip
+    assert other.tolist() == fresh.tolist()
+
+
+def test_text_generation_pipeline_with_several_prompts(gpt2_setup):
+    from transformers import pipeline
+
+    base, _, am = gpt2_setup
+    tok = tiny_tokenizer()
+    proc = AirDecodingLogitsProcessor(am, "positive", 10.0)
+    pipe = pipeline("text-generation", model=base, tokenizer=tok)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=1)
+    outs = pipe(["the movie", "i hated this"], logits_processor=LogitsProcessorList([proc]), **kw)
+    for prompt, out in zip(["the movie", "i hated this"], outs):
+        alone = base.generate(input_ids=_ids(prompt), logits_processor=[AirDecodingLogitsProcessor(am, "positive",
+                              10.0)], **kw)  # fmt: skip
+        assert out[0]["generated_text"].replace(" ", "") == tok.decode(alone[0]).replace(" ", "")
+
+
+def test_processors_sharing_one_attribute_model_match_the_cache_free_reference(gpt2_setup):
+    """Two targets of ONE AttributePrefixModel in one generate(): each processor keeps its own cache."""
+    base, ckpt, am = gpt2_setup
+    prompt = _ids("the movie")
+    p_pos = AirDecodingLogitsProcessor(am, "positive", 3.0)
+    p_neg = AirDecodingLogitsProcessor(am, "negative", 2.0)
+    out = base.generate(input_ids=prompt, logits_processor=LogitsProcessorList([p_pos, p_neg]), max_new_tokens=4,
+                        do_sample=False, output_scores=True, output_logits=True, return_dict_in_generate=True,
+                        pad_token_id=1, eos_token_id=None)  # fmt: skip
+    t0 = prompt.shape[1]
+    seq = out.sequences[0]
+    per_attr = [manual_prefixed_logits(base, str(ckpt / a), seq[None])[0] for a in am.attributes]
+    gen = seq[t0:].tolist()
+    for s in range(len(gen)):
+        steps = [torch.stack([pa[t0 - 1 + j] for pa in per_attr]) for j in range(s + 1)]
+        lm = torch.log_softmax(out.logits[s][0].double(), -1)
+        post = [reference_processed_scores(torch.zeros(VOCAB), steps, gen[:s], k, 1.0) for k in (0, 1)]
+        expected = torch.log_softmax(lm + 3.0 * post[0] + 2.0 * post[1], -1)  # log P^λ up to a constant
+        torch.testing.assert_close(torch.log_softmax(out.scores[s][0].double(), -1), expected, atol=2e-3, rtol=1e-4)
+
+
+def test_prompt_mask_must_match_the_batch(gpt2_setup):
+    base, _, am = gpt2_setup
+    two = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    proc = AirDecodingLogitsProcessor(am, "positive", 10.0, prompt_attention_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 different prompts"):
+        proc(two, torch.randn(2, VOCAB))
+    # copies of one prompt (num_return_sequences) may share its one-row mask
+    AirDecodingLogitsProcessor(am, "positive", 10.0, prompt_attention_mask=torch.ones(1, 3, dtype=torch.long))(
+        torch.tensor([[5, 6, 7], [5, 6, 7]]), torch.randn(2, VOCAB)
+    )
+
+
+def test_left_padded_batch_without_mask_raises(gpt2_setup):
+    _, _, am = gpt2_setup
+    padded = torch.tensor([[1, 1, 5], [5, 6, 7]])
+    with pytest.raises(ValueError, match="left-padded"):
+        AirDecodingLogitsProcessor(am, "positive", 10.0, pad_token_id=1)(padded, torch.randn(2, VOCAB))
+
+
+def test_strength_is_bounded_and_safe_at_the_bound(gpt2_setup):
+    base, _, am = gpt2_setup
+    for bad in (1e300, 1e6 * 1.01):
+        with pytest.raises(ValueError, match=r"strength must be a finite number in \[0, 1e\+06\]"):
+            AirDecodingLogitsProcessor(am, "positive", bad)
+    proc = AirDecodingLogitsProcessor(am, "positive", 1e6)
+    out = base.generate(input_ids=_ids("the movie"), logits_processor=[proc], max_new_tokens=6, do_sample=True,
+                        top_k=0, pad_token_id=1, eos_token_id=None)  # fmt: skip
+    assert out.shape[1] == _ids("the movie").shape[1] + 6
 
 
 @pytest.mark.parametrize("cls", [AirDecodingLogitsProcessor, WeightedDecodingLogitsProcessor])

@@ -128,14 +128,76 @@ def test_unknown_attribute_values_raise(tmp_path):
             processing_class=tiny_tokenizer(),
         )
     with pytest.raises(ValueError, match="folder name"):
-        _args(tmp_path, attributes=["a/b"])
+        _args(tmp_path, attributes=["a/b", "c"])
+
+
+@pytest.mark.parametrize(
+    "texts, attrs, attributes, message",
+    [
+        (["good", "  "], ["positive", "negative"], ["positive", "negative"], "1 train row.*empty.*row 1"),
+        (["good", "fine"], ["positive", "positive"], ["positive", "negative"], r"\['negative'\] have no rows"),
+        ([], [], ["positive", "negative"], "dataset is empty"),
+    ],
+)
+def test_trainer_refuses_data_it_cannot_learn_from(tmp_path, texts, attrs, attributes, message):
+    ds = Dataset.from_dict({"text": texts, "attribute": attrs})
+    with pytest.raises(ValueError, match=message):
+        AttributePrefixTrainer(model=tiny_gpt2(), args=_args(tmp_path, attributes=attributes), train_dataset=ds,
+                               processing_class=tiny_tokenizer())  # fmt: skip
+
+
+@pytest.mark.parametrize("attributes", [["positive"], [], ["positive", "positive"]])
+def test_config_needs_two_distinct_attributes(tmp_path, attributes):
+    with pytest.raises(ValueError, match="two attributes|duplicate"):
+        _args(tmp_path, attributes=attributes)
+
+
+def test_config_numbers_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"AttributePrefixConfig\.num_virtual_tokens must be an integer >= 1"):
+        _args(tmp_path, num_virtual_tokens=0)
+    with pytest.raises(ValueError, match=r"AttributePrefixConfig\.max_length"):
+        _args(tmp_path, max_length=1)
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ({"attributes": ["../x", "positive"]}, "folder name"),
+        ({"attributes": ["/abs", "positive"]}, "folder name"),
+        ({"attributes": ["positive", "positive"]}, "duplicate"),
+        ({"attributes": ["positive"]}, "two attributes"),
+        ({"attributes": []}, "two attributes"),
+        ({}, "'attributes' must be a list"),
+        ({"attributes": ["positive", "neutral"]}, "neutral.*missing"),
+    ],
+)
+def test_bad_index_is_refused_on_load(tmp_path, index, message):
+    from air_decoding_utils import make_checkpoint
+
+    ckpt = make_checkpoint(tiny_gpt2(), tmp_path / "ckpt")
+    (ckpt / "attribute_prefixes.json").write_text(json.dumps(index))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        AttributePrefixModel.from_pretrained(tiny_gpt2(), ckpt)
+    (ckpt / "attribute_prefixes.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        AttributePrefixModel.from_pretrained(tiny_gpt2(), ckpt)
+
+
+def test_prefixes_of_another_model_are_refused_before_generate(tmp_path):
+    from air_decoding_utils import make_checkpoint
+
+    ckpt = make_checkpoint(tiny_gpt2(n_layer=2), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="trained for another model.*2 layers"):
+        AttributePrefixModel.from_pretrained(tiny_gpt2(n_layer=3), ckpt)
 
 
 def test_each_row_trains_only_its_own_prefix(tmp_path):
-    ds = Dataset.from_dict({"text": ["the movie was great"] * 8, "attribute": ["positive"] * 8})
+    ds = Dataset.from_dict({"text": ["the movie was great"] * 8 + ["bad"], "attribute": ["positive"] * 8 + ["negative"]})
     trainer = AttributePrefixTrainer(
         model=tiny_gpt2(), args=_args(tmp_path, max_steps=3), train_dataset=ds, processing_class=tiny_tokenizer()
     )
+    # the trainer refuses an attribute without data; train on the positive rows only to see who gets gradient
+    trainer.train_dataset = trainer.train_dataset.filter(lambda row: row["attribute_ids"] == 0)
     neg_before = trainer.model.flat_prefix(1).detach().clone()
     pos_before = trainer.model.flat_prefix(0).detach().clone()
     trainer.train()
@@ -295,17 +357,18 @@ def test_checkpoint_writer_reader_round_trip(tmp_path):
     (out / "training_args.bin").write_bytes(b"x")
     (out / "checkpoint-5").mkdir()
     (out / "checkpoint-5" / "optimizer.pt").write_bytes(b"y")
-    ap.write_attribute_prefixes(out, ["negative"], [flats["positive"]], cfg)
+    ap.write_attribute_prefixes(out, ["negative", "neutral"], [flats["positive"], flats["negative"]], cfg)
     assert sorted(os.listdir(out)) == [
         "README.md",  # no new card given: the old one is kept
         "attribute_prefixes.json",
         "checkpoint-5",
         "negative",
+        "neutral",
         "training_args.bin",
     ]
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     ckpt = ap.read_attribute_prefixes(out)
-    assert ckpt.attributes == ["negative"] and ckpt.index["base_model"] == ""  # the in-memory model's empty name
+    assert ckpt.attributes == ["negative", "neutral"] and ckpt.index["base_model"] == ""  # the in-memory model's empty name
     torch.testing.assert_close(ckpt.prefixes["negative"], flats["positive"], atol=0, rtol=0)
 
 
@@ -315,9 +378,11 @@ def test_writer_and_reader_reject_malformed_input(tmp_path):
     with pytest.raises(ValueError, match="folder name"):
         ap.write_attribute_prefixes(tmp_path / "x", ["../a"], [flats["a"]], cfg)
     with pytest.raises(ValueError, match="shape"):
-        ap.write_attribute_prefixes(tmp_path / "x", ["a"], [flats["a"][:2]], cfg)
+        ap.write_attribute_prefixes(tmp_path / "x", ["a", "b"], [flats["a"][:2], flats["b"]], cfg)
     with pytest.raises(ValueError, match="own keys"):
-        ap.write_attribute_prefixes(tmp_path / "x", ["a"], [flats["a"]], cfg, extra_index={"attributes": []})
+        ap.write_attribute_prefixes(tmp_path / "x", ["a", "b"], flats, cfg, extra_index={"attributes": []})
+    with pytest.raises(ValueError, match="two attributes"):
+        ap.write_attribute_prefixes(tmp_path / "x", ["a"], [flats["a"]], cfg)
     assert not (tmp_path / "x").exists()
     with pytest.raises(FileNotFoundError, match="not an attribute-prefix checkpoint"):
         ap.read_attribute_prefixes(tmp_path)

@@ -124,4 +124,4 @@ def test_train_prefixes_then_generate(tmp_path, capsys):
     assert "unknown --attribute 'happy'" in capsys.readouterr().err
     rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
                "--output_dir", str(tmp_path / "one"), "--use_cpu"])  # fmt: skip
-    assert rc == 2 and "at least two attribute names" in capsys.readouterr().err
+    assert rc == 2 and "at least two attributes are needed" in capsys.readouterr().err

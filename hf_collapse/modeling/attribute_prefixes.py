@@ -59,6 +59,8 @@ __all__ = [
     "PROMPT_EMBEDDINGS",
     "AttributePrefixCheckpoint",
     "AttributePrefixLM",
+    "check_prefix_shape",
+    "expected_prefix_shape",
     "PrefixShape",
     "flat_prefix_to_layers",
     "layers_to_flat_prefix",
@@ -86,16 +88,22 @@ _INDEX_KEYS = ("format", "attributes", "base_model", "num_virtual_tokens", "hf_c
 
 
 def validate_attribute_names(attributes: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless ``attributes`` are non-empty, unique, and usable as checkpoint folder names."""
-    if not attributes:
-        raise ValueError("at least one attribute is needed")
-    if len(set(attributes)) != len(attributes):
-        raise ValueError(f"duplicate attribute names in {list(attributes)}")
+    """Raise ``ValueError`` unless there are at least two attributes, unique and usable as checkpoint folder names.
+
+    Air-Decoding weighs each token by how much more likely it is under the target attribute than under the others,
+    so a single attribute would steer nothing.
+    """
+    if not isinstance(attributes, (list, tuple)):
+        raise ValueError(f"attributes must be a list of names, got {type(attributes).__name__}")
     for a in attributes:
         # each attribute becomes a sub-folder of the checkpoint; a name that escapes it must never be written or
         # (when a stale index names it) deleted
         if not isinstance(a, str) or not a or a in {".", ".."} or "/" in a or "\\" in a or a.startswith("."):
             raise ValueError(f"attribute name {a!r} cannot be used as a checkpoint folder name")
+    if len(set(attributes)) != len(attributes):
+        raise ValueError(f"duplicate attribute names in {list(attributes)}")
+    if len(attributes) < 2:
+        raise ValueError(f"at least two attributes are needed (Air-Decoding compares them), got {list(attributes)}")
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -426,6 +434,33 @@ class AttributePrefixCheckpoint(NamedTuple):
         return list(self.prefixes)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def expected_prefix_shape(base_model: PreTrainedModel, num_virtual_tokens: int) -> PrefixShape:
+    """The prefix geometry PEFT would give ``base_model`` (layers, key/value heads, head size)."""
+    return PrefixShape.from_peft_config(peft_prefix_config(base_model, num_virtual_tokens))
+
+
+def check_prefix_shape(shape: PrefixShape, base_model: PreTrainedModel) -> None:
+    """Raise ``ValueError`` if prefixes of ``shape`` do not fit ``base_model`` (checked before any forward)."""
+    expected = expected_prefix_shape(base_model, shape.num_virtual_tokens)
+    if shape != expected:
+        name = getattr(base_model.config, "_name_or_path", "") or type(base_model).__name__
+        raise ValueError(
+            f"these prefixes were trained for another model: they have {shape.num_layers} layers x "
+            f"{shape.num_heads} key/value heads x {shape.head_dim} dims, {name} needs {expected.num_layers} x "
+            f"{expected.num_heads} x {expected.head_dim}. Load them with the base model they were trained on."
+        )
+
+
 def read_attribute_prefixes(checkpoint_dir: str | os.PathLike) -> AttributePrefixCheckpoint:
     """Read an attribute-prefix checkpoint (any written since the format's first version).
 
@@ -438,7 +473,7 @@ def read_attribute_prefixes(checkpoint_dir: str | os.PathLike) -> AttributePrefi
     index_path = checkpoint_dir / CHECKPOINT_INDEX
     if not index_path.is_file():
         raise FileNotFoundError(f"{checkpoint_dir} is not an attribute-prefix checkpoint (no {CHECKPOINT_INDEX})")
-    index = json.loads(index_path.read_text())
+    index = _read_json(index_path)
     # "format" was written from the start, but a hand-made index without it is accepted
     if index.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
         raise ValueError(f"{index_path}: format {index['format']!r} is not {CHECKPOINT_FORMAT!r}")
@@ -450,7 +485,10 @@ def read_attribute_prefixes(checkpoint_dir: str | os.PathLike) -> AttributePrefi
     shape: PrefixShape | None = None
     for attr in attributes:
         sub = checkpoint_dir / attr
-        cfg = json.loads((sub / ADAPTER_CONFIG).read_text())
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if not (sub / name).is_file():
+                raise FileNotFoundError(f"{index_path} lists attribute {attr!r} but {sub / name} is missing")
+        cfg = _read_json(sub / ADAPTER_CONFIG)
         if cfg.get("peft_type") != "PREFIX_TUNING":
             raise ValueError(f"{sub}: expected a PREFIX_TUNING adapter, got {cfg.get('peft_type')!r}")
         s = PrefixShape.from_peft_config(cfg)

@@ -15,8 +15,10 @@ code underflows at large λ and divides by ``log p = 0``; this form has neither 
 ``WeightedDecodingLogitsProcessor`` is the same with log p_i instead of log w_i: the baseline that shows attribute
 collapse.
 
-The processor holds its own attribute model, cache and mask (a ``LogitsProcessor`` sees neither the attention mask
-nor the model outputs), like transformers' ``UnbatchedClassifierFreeGuidanceLogitsProcessor``.
+The processor runs its attribute model itself and holds its own decoding state (the prefix cache, mask and positions:
+a ``LogitsProcessor`` sees neither the attention mask nor the model outputs), like transformers'
+``UnbatchedClassifierFreeGuidanceLogitsProcessor``. The state lives in the processor, not in the attribute model, so
+several processors can share one ``AttributePrefixModel`` in one ``generate()`` call.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .attribute_prefix_model import AttributePrefixModel
 # -log p is clamped into [_NLP_MIN, _NLP_MAX] so log w stays finite (about ±690.8) at p == 1 and p == 0
 _NLP_MIN = 1e-300
 _NLP_MAX = 1e300
+# the largest strength: beyond it λ·log P(c|x) overflows the float32 scores of generate() (|log P| reaches ~7e4
+# after 50 tokens), and sampling then sees rows of -inf
+MAX_STRENGTH = 1e6
 # weighted decoding: log p clamped from below so that a token impossible under every attribute gives 0/0 -> finite
 _LOGP_MIN = -1e4
 
@@ -41,13 +46,18 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
     Args:
         attribute_model: an ``AttributePrefixModel`` (its vocabulary must match the generating model's).
         target: the attribute to steer toward; one of ``attribute_model.attributes``.
-        strength: λ >= 0 (official: 140 sentiment, 60 topic, 120 detox). Any finite value up to 1e6 is safe.
-        prompt_attention_mask: the prompt's attention mask ``(batch, prompt_len)`` (needed with left padding).
-            Rows are repeated to match ``num_return_sequences`` / ``num_beams``.
+        strength: λ in [0, 1e6] (official: 140 sentiment, 60 topic, 120 detox). Beyond 1e6 the control term no
+            longer fits the float32 scores ``generate()`` works in, so larger values are refused.
+        prompt_attention_mask: the prompt's attention mask ``(batch, prompt_len)``; required for a left-padded
+            batch. Its rows are repeated for ``num_return_sequences`` / ``num_beams`` when the batch is an exact
+            multiple made of copies of the same prompts (checked against the input ids).
         normalize: normalise each reconstructed w_i over the vocabulary first (the paper's text). Default False
             is the official code's formula.
+        pad_token_id: the pad token, to detect a left-padded batch given without ``prompt_attention_mask``
+            (default: the attribute model's ``generation_config.pad_token_id``).
 
-    One instance serves one ``generate()`` call; call ``reset()`` before reusing it.
+    A call whose ``input_ids`` do not continue the previous call's sequences starts a new generation, so one
+    instance serves consecutive ``generate()`` calls (e.g. a ``pipeline("text-generation")`` over several prompts).
     Works with greedy, sampling (``do_sample=True, top_k=200`` reproduces the official order, since custom
     processors run before the warpers), batches with left padding, ``num_return_sequences`` and beam search
     (reordered rows are detected by matching each row's history and the cache is reordered).
@@ -62,8 +72,9 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
         strength: float,
         prompt_attention_mask: torch.Tensor | None = None,
         normalize: bool = False,
+        pad_token_id: int | None = None,
     ):
-        if not hasattr(attribute_model, "attributes") or not hasattr(attribute_model, "start"):
+        if not hasattr(attribute_model, "attributes") or not hasattr(attribute_model, "begin"):
             raise TypeError("attribute_model must be an AttributePrefixModel")
         if target not in attribute_model.attributes:
             raise ValueError(f"unknown target attribute {target!r}; valid attributes: {attribute_model.attributes}")
@@ -71,8 +82,8 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
             strength = float(strength)
         except (TypeError, ValueError) as err:
             raise ValueError(f"strength must be a number, got {strength!r}") from err
-        if not math.isfinite(strength) or strength < 0:
-            raise ValueError(f"strength must be finite and >= 0, got {strength}")
+        if not math.isfinite(strength) or not 0 <= strength <= MAX_STRENGTH:
+            raise ValueError(f"strength must be a finite number in [0, {MAX_STRENGTH:g}], got {strength}")
         if prompt_attention_mask is not None and prompt_attention_mask.dim() != 2:
             raise ValueError(
                 f"prompt_attention_mask must be 2-D (batch, prompt_len), got {tuple(prompt_attention_mask.shape)}"
@@ -83,15 +94,19 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
         self.strength = strength
         self.prompt_attention_mask = prompt_attention_mask
         self.normalize = bool(normalize)
+        if pad_token_id is None:
+            gen_cfg = getattr(getattr(attribute_model, "base_model", None), "generation_config", None)
+            pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+        self.pad_token_id = pad_token_id if isinstance(pad_token_id, int) else None
         self.reorders = 0  # number of beam reorderings seen (diagnostics, tests)
         self.reset()
 
     def reset(self) -> None:
-        """Forget the previous ``generate()`` call so the instance can serve another one."""
+        """Forget the previous ``generate()`` call (the next call starts a new generation anyway)."""
         self._ids: torch.Tensor | None = None
+        self._state = None  # PrefixDecodingState of the attribute model's K·B rows
         self._history: torch.Tensor | None = None  # (K, B) running sum of log w at generated tokens
         self._last_log_w: torch.Tensor | None = None  # (K, B, V) log w of the previous step
-        self.attribute_model.reset()
 
     # ------------------------------------------------------------------ the formula
     def _log_weights(self, log_p: torch.Tensor) -> torch.Tensor:
@@ -120,49 +135,68 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
                 f"{am.vocab_size}; Air-Decoding needs one shared vocabulary"
             )
         b = input_ids.shape[0]
-        if self._ids is None:
-            attr_logits = am.start(input_ids, self._expand_mask(input_ids))
+        rows = self._continuation_rows(input_ids)
+        if rows is None:  # the first step of a generate() call
+            self.reset()
+            attr_logits, self._state = am.begin(input_ids, self._prompt_mask(input_ids))
             self._history = torch.zeros(am.num_attributes, b, dtype=torch.float64, device=am.device)
         else:
-            attr_logits = self._advance(input_ids)
+            attr_logits = self._advance(input_ids, rows)
         self._ids = input_ids.detach().clone()
         log_post, self._last_log_w = self.log_posterior(attr_logits, self._history)
         lm = torch.nan_to_num(scores.double(), nan=-math.inf, posinf=torch.finfo(torch.float64).max)
         out = torch.log_softmax(_safe_rows(lm), dim=-1) + self.strength * log_post.to(lm.device)
         return out.to(scores.dtype)
 
-    def _expand_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        mask = self.prompt_attention_mask
-        if mask is None:
+    def _continuation_rows(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """For each row, the previous call's row it continues (beam search may reorder), or None for a new call."""
+        prev = self._ids
+        if prev is None or input_ids.shape != (prev.shape[0], prev.shape[1] + 1):
             return None
+        parents = input_ids[:, :-1].to(prev.device)
+        if torch.equal(parents, prev):
+            return torch.arange(prev.shape[0], device=prev.device)
+        same = (parents[:, None, :] == prev[None, :, :]).all(-1)  # (B new, B old)
+        if not bool(same.any(-1).all()):
+            return None
+        return same.float().argmax(-1)
+
+    def _prompt_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The prompt mask for the ``(B, T)`` prompt ``generate()`` started with, checked and expanded."""
+        mask = self.prompt_attention_mask
         b, t = input_ids.shape
-        if mask.shape[1] != t or mask.shape[0] == 0 or b % mask.shape[0] != 0:
+        if mask is None:
+            if self.pad_token_id is not None and b > 1:
+                starts_with_pad = input_ids[:, 0] == self.pad_token_id
+                if bool(starts_with_pad.any()) and not bool(starts_with_pad.all()):
+                    raise ValueError(
+                        "the batch looks left-padded (some rows start with the pad token, others do not) but no "
+                        "prompt_attention_mask was given; pass the tokenizer's attention_mask as "
+                        "AirDecodingLogitsProcessor(..., prompt_attention_mask=enc['attention_mask'])"
+                    )
+            return None
+        m = mask.shape[0]
+        if mask.shape[1] != t or m == 0 or b % m != 0:
             raise ValueError(
                 f"prompt_attention_mask has shape {tuple(mask.shape)} but generate() started with input_ids of shape "
                 f"{(b, t)}; pass the prompt's own attention mask (rows may be repeated for num_return_sequences/beams)"
             )
-        return mask.repeat_interleave(b // mask.shape[0], dim=0)
+        if b != m:
+            # only num_return_sequences / num_beams make the batch a multiple: then it holds r copies of each prompt
+            copies = input_ids.view(m, b // m, t)
+            if not bool((copies == copies[:, :1]).all()):
+                raise ValueError(
+                    f"prompt_attention_mask has {m} row(s) but generate() got {b} different prompts; pass the mask "
+                    "of the whole batch (its rows are repeated only for num_return_sequences / num_beams)"
+                )
+        return mask.repeat_interleave(b // m, dim=0)
 
-    def _advance(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _advance(self, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         prev = self._ids
         assert prev is not None and self._history is not None and self._last_log_w is not None
-        b, t = input_ids.shape
-        if b != prev.shape[0] or t != prev.shape[1] + 1:
-            raise ValueError(
-                "this AirDecodingLogitsProcessor already served another generate() call (or batch); call reset() "
-                "before reusing it, or create a new one"
-            )
-        parents = input_ids[:, :-1].to(prev.device)
-        if not torch.equal(parents, prev):
-            # beam search reordered rows: find, for each row, a previous row with the same history
-            same = (parents[:, None, :] == prev[None, :, :]).all(-1)  # (B new, B old)
-            if not bool(same.any(-1).all()):
-                raise ValueError(
-                    "input_ids do not continue the previous call's sequences: this processor already served "
-                    "another generate() call; call reset() before reusing it"
-                )
-            rows = same.float().argmax(-1)
-            self.attribute_model.reorder(rows)
+        if not torch.equal(rows, torch.arange(prev.shape[0], device=rows.device)):
+            # beam search reordered rows: follow each row's parent
+            self.attribute_model.reorder_state(self._state, rows)
             dev = self._history.device
             self._history = self._history[:, rows.to(dev)]
             self._last_log_w = self._last_log_w[:, rows.to(dev)]
@@ -171,7 +205,7 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
         self._history = self._history + self._last_log_w.gather(
             -1, tok.view(1, -1, 1).expand(self._history.shape[0], -1, 1)
         ).squeeze(-1)
-        return self.attribute_model.step(tok)
+        return self.attribute_model.advance(self._state, tok)
 
 
 class WeightedDecodingLogitsProcessor(AirDecodingLogitsProcessor):

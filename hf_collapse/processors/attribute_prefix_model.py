@@ -2,8 +2,9 @@
 
 The model runs **all K prefixes in one batched forward**: the K·B rows are attribute-major (row ``k * B + b`` is
 attribute ``k`` on input ``b``) and the prefixes' key/value tensors are stacked into one ``DynamicCache``. It keeps
-its own cache across decoding steps (``start`` / ``step`` / ``reorder``), because a ``LogitsProcessor`` sees neither
-the model outputs nor the cache of ``generate()``.
+no decoding state of its own: ``begin`` returns a :class:`PrefixDecodingState` (the cache of the K·B rows, the mask,
+the next positions) that the caller owns and passes to ``advance`` / ``reorder_state``. So any number of processors
+can share one ``AttributePrefixModel`` in one ``generate()`` call without stepping on each other's cache.
 
 The checkpoint format, the prefix geometry and the prefixed forward (prefix mask columns, PEFT's position convention:
 real tokens start at ``P``) come from ``hf_collapse.modeling.attribute_prefixes``, the same code
@@ -30,12 +31,14 @@ from ..modeling.attribute_prefixes import (
     ADAPTER_WEIGHTS,
     CHECKPOINT_INDEX,
     PrefixShape,
+    check_prefix_shape,
     flat_prefix_to_layers,
     layers_to_flat_prefix,
     prefix_cache,
     prefixed_forward,
     prefixed_positions,
     read_attribute_prefixes,
+    validate_attribute_names,
 )
 
 __all__ = [
@@ -44,12 +47,32 @@ __all__ = [
     "CHECKPOINT_INDEX",
     "AttributePrefixModel",
     "AttributePrefixOutput",
+    "PrefixDecodingState",
     "PrefixShape",
     "flat_prefix_to_layers",
     "layers_to_flat_prefix",
     "prefix_cache",
     "prefixed_positions",
 ]
+
+
+@dataclass
+class PrefixDecodingState:
+    """Decoding state of one user of an ``AttributePrefixModel`` (e.g. one logits processor).
+
+    Attributes:
+        cache: key/values of the K·B rows (attribute-major), prefix included.
+        mask: ``(B, past)`` attention mask of the real tokens seen so far (no prefix columns).
+        next_pos: ``(B,)`` position id of each row's next token (PEFT's convention: real tokens start at P).
+    """
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
 
 
 @dataclass
@@ -71,8 +94,8 @@ class AttributePrefixModel(nn.Module):
 
     def __init__(self, base_model: PreTrainedModel, prefixes: Mapping[str, torch.Tensor], shape: PrefixShape):
         super().__init__()
-        if not prefixes:
-            raise ValueError("AttributePrefixModel needs at least one attribute prefix")
+        validate_attribute_names(list(prefixes))
+        check_prefix_shape(shape, base_model)
         self.base_model = base_model
         self.base_model.requires_grad_(False).eval()
         self.attributes: list[str] = list(prefixes)
@@ -168,9 +191,49 @@ class AttributePrefixModel(nn.Module):
         )
         return AttributePrefixOutput(logits=out.logits.view(k, b, t, -1), cache=out.cache)
 
-    # ------------------------------------------------------------------ stateful decoding API
+    # ------------------------------------------------------------------ decoding with caller-owned state
+    @torch.no_grad()
+    def begin(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, PrefixDecodingState]:
+        """Run the prompt ``(B, T)`` through all K prefixes.
+
+        Returns the last-position logits ``(K, B, V)`` and the state to pass to :meth:`advance`.
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=self.device)
+        attention_mask = attention_mask.to(self.device).long()
+        out = self.forward(input_ids, attention_mask)
+        next_pos = prefixed_positions(attention_mask, self.num_virtual_tokens)[:, -1] + 1
+        return out.logits[:, :, -1], PrefixDecodingState(out.cache, attention_mask, next_pos)
+
+    @torch.no_grad()
+    def advance(self, state: PrefixDecodingState, tokens: torch.LongTensor) -> torch.Tensor:
+        """Feed one new token per row ``(B,)`` and update ``state``; returns next-token logits ``(K, B, V)``."""
+        tokens = tokens.to(self.device).view(-1, 1)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(state.batch_size, 1)], dim=1)
+        out = self.forward(tokens, state.mask, cache=state.cache, position_ids=state.next_pos.view(-1, 1))
+        state.cache = out.cache
+        state.next_pos = state.next_pos + 1
+        return out.logits[:, :, -1]
+
+    def reorder_state(self, state: PrefixDecodingState, rows: torch.LongTensor) -> None:
+        """Keep input rows ``rows`` of ``state`` (e.g. beam search's parents), for every attribute."""
+        rows = rows.to(self.device)
+        b = state.batch_size
+        if rows.numel() != b:
+            raise ValueError(f"reorder needs {b} row indices, got {rows.numel()}")
+        all_rows = (torch.arange(self.num_attributes, device=self.device)[:, None] * b + rows[None, :]).reshape(-1)
+        state.cache.batch_select_indices(all_rows)
+        state.mask = state.mask[rows]
+        state.next_pos = state.next_pos[rows]
+
+    # ------------------------------------------------------------------ single-user convenience API
+    # start/step/reorder keep one state inside the model, for scripts that drive it by hand; processors use
+    # begin/advance/reorder_state so that several of them can share the model.
     def reset(self) -> None:
-        """Forget the decoding state (cache, mask, positions)."""
+        """Forget the state kept by ``start``."""
         self._state = None
 
     @property
@@ -178,45 +241,18 @@ class AttributePrefixModel(nn.Module):
         """Whether ``start()`` was called since the last ``reset()``."""
         return self._state is not None
 
-    @torch.no_grad()
     def start(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the prompt through all K prefixes; keep the cache. Returns the last-position logits ``(K, B, V)``."""
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(b, t, dtype=torch.long, device=self.device)
-        attention_mask = attention_mask.to(self.device).long()
-        out = self.forward(input_ids, attention_mask)
-        self._state = {
-            "cache": out.cache,
-            "mask": attention_mask,
-            "next_pos": prefixed_positions(attention_mask, self.num_virtual_tokens)[:, -1] + 1,
-            "batch": b,
-        }
-        return out.logits[:, :, -1]
+        """:meth:`begin`, keeping the state in the model. Returns the last-position logits ``(K, B, V)``."""
+        logits, self._state = self.begin(input_ids, attention_mask)
+        return logits
 
-    @torch.no_grad()
     def step(self, tokens: torch.LongTensor) -> torch.Tensor:
-        """Feed one new token per row ``(B,)``; returns next-token logits ``(K, B, V)``."""
+        """:meth:`advance` on the state kept by ``start``; returns next-token logits ``(K, B, V)``."""
         if self._state is None:
             raise RuntimeError("AttributePrefixModel.step() called before start()")
-        st = self._state
-        tokens = tokens.to(self.device).view(-1, 1)
-        st["mask"] = torch.cat([st["mask"], st["mask"].new_ones(st["batch"], 1)], dim=1)
-        out = self.forward(tokens, st["mask"], cache=st["cache"], position_ids=st["next_pos"].view(-1, 1))
-        st["cache"] = out.cache
-        st["next_pos"] = st["next_pos"] + 1
-        return out.logits[:, :, -1]
+        return self.advance(self._state, tokens)
 
     def reorder(self, rows: torch.LongTensor) -> None:
-        """Keep input rows ``rows`` (e.g. beam search's parents), for every attribute."""
-        if self._state is None:
-            return
-        st = self._state
-        rows = rows.to(self.device)
-        b = st["batch"]
-        if rows.numel() != b:
-            raise ValueError(f"reorder needs {b} row indices, got {rows.numel()}")
-        all_rows = (torch.arange(self.num_attributes, device=self.device)[:, None] * b + rows[None, :]).reshape(-1)
-        st["cache"].batch_select_indices(all_rows)
-        st["mask"] = st["mask"][rows]
-        st["next_pos"] = st["next_pos"][rows]
+        """:meth:`reorder_state` on the state kept by ``start``."""
+        if self._state is not None:
+            self.reorder_state(self._state, rows)

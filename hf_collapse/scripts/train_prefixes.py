@@ -39,8 +39,6 @@ def main(argv: Sequence[str]) -> int:
 
     script_args, config = parse_args([TrainPrefixesScriptArguments, AttributePrefixConfig], argv,
                                      prog="hf-collapse train-prefixes")  # fmt: skip
-    if len(config.attributes) < 2:
-        raise CommandError("--attributes needs at least two attribute names, e.g. --attributes positive negative")
     ds = load_dataset("json", data_files=script_args.data, split="train")
     tok = AutoTokenizer.from_pretrained(script_args.model)
     model = AutoModelForCausalLM.from_pretrained(script_args.model)

@@ -28,6 +28,7 @@ from ..modeling.attribute_prefixes import (
     save_attribute_prefixes,
     validate_attribute_names,
 )
+from ..validation import check_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
@@ -74,14 +75,18 @@ class AttributePrefixConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.attributes:
-            raise ValueError("AttributePrefixConfig.attributes must name at least one attribute")
-        validate_attribute_names(self.attributes)
+        try:
+            validate_attribute_names(self.attributes)
+        except ValueError as err:
+            raise ValueError(f"AttributePrefixConfig.attributes: {err}") from err
         if self.label_names is None:
             # the training module's forward has no `labels` argument, so the Trainer would not find it by itself
             self.label_names = ["labels"]
-        if self.num_virtual_tokens < 1:
-            raise ValueError("num_virtual_tokens must be >= 1")
+        owner = "AttributePrefixConfig"
+        check_number(owner, "num_virtual_tokens", self.num_virtual_tokens, integer=True, minimum=1)
+        check_number(owner, "encoder_hidden_size", self.encoder_hidden_size, integer=True, minimum=1)
+        # the start token plus at least one text token, or there is nothing to predict
+        check_number(owner, "max_length", self.max_length, integer=True, minimum=2)
 
 
 class _Collator:
@@ -150,7 +155,7 @@ class AttributePrefixTrainer(Trainer):
         start_id = self._start_token_id(tok, args)
         pad = tok.pad_token_id if tok.pad_token_id is not None else start_id
         train_dataset = self._tokenize(train_dataset, tok, args) if train_dataset is not None else None
-        eval_dataset = self._tokenize(eval_dataset, tok, args) if eval_dataset is not None else None
+        eval_dataset = self._tokenize(eval_dataset, tok, args, "eval") if eval_dataset is not None else None
         kwargs.setdefault("data_collator", _Collator(pad))
         super().__init__(
             model=prefix_lm,
@@ -175,7 +180,9 @@ class AttributePrefixTrainer(Trainer):
         return start
 
     @classmethod
-    def _tokenize(cls, dataset, tok, args: AttributePrefixConfig):
+    def _tokenize(cls, dataset, tok, args: AttributePrefixConfig, split: str = "train"):
+        if len(dataset) == 0:
+            raise ValueError(f"the {split} dataset is empty")
         cols = set(dataset.column_names)
         for c in (args.text_column, args.attribute_column):
             if c not in cols:
@@ -187,8 +194,21 @@ class AttributePrefixTrainer(Trainer):
                 f"unknown attribute values in column {args.attribute_column!r}: {bad}; configured attributes: "
                 f"{args.attributes}"
             )
+        missing = [a for a in args.attributes if a not in values]
+        if missing and split == "train":
+            raise ValueError(
+                f"configured attributes {missing} have no rows in the training data (column "
+                f"{args.attribute_column!r}); their prefixes would be saved untrained. Add data or drop them."
+            )
         index = {a: i for i, a in enumerate(args.attributes)}
         eos = cls._start_token_id(tok, args)
+        texts = dataset[args.text_column]
+        empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise ValueError(
+                f"{len(empty)} {split} row(s) have an empty or non-text {args.text_column!r} (first: row {empty[0]}); "
+                "an empty text has no token to learn from. Remove them."
+            )
 
         def encode(batch):
             ids = tok(batch[args.text_column], add_special_tokens=False)["input_ids"]
