@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_number", "check_known_fields"]
+__all__ = ["check_number", "check_known_fields", "check_finite_fields"]
 
 
 def check_number(
@@ -71,3 +71,16 @@ def check_known_fields(owner: str, given: Iterable[str], known: Iterable[str], c
         close = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
         if close:
             raise TypeError(f"{owner} got an unknown argument {key!r}; did you mean {close[0]!r}?")
+
+
+def check_finite_fields(owner: str, obj: Any, names: Iterable[str] | None = None) -> None:
+    """Raise ``ValueError`` for any float attribute of ``obj`` (a dataclass by default: all its fields) that is NaN or
+    infinite, e.g. a ``TrainingArguments`` subclass whose ``learning_rate`` came from a bad command line."""
+    import dataclasses
+
+    if names is None:
+        names = [f.name for f in dataclasses.fields(obj)]
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}.")

@@ -489,3 +489,45 @@ def test_bundled_checkpoints_load_with_the_concept_reader(name):
     am = AttributePrefixModel.from_pretrained(lm, path)
     assert am.attributes == index["attributes"]
     assert am(torch.tensor([[3, 4, 5]])).logits.shape == (len(prefixes), 1, 3, 50)
+
+
+# a child process that keeps rewriting one attribute-prefix checkpoint, alternating 2 and 3 attributes
+_PREFIX_SAVER = """
+import sys, torch
+from air_decoding_utils import tiny_gpt2
+from hf_collapse.modeling import attribute_prefixes as ap
+base = tiny_gpt2()
+cfg = ap.peft_prefix_config(base, 64)
+shape = ap.PrefixShape.from_peft_config(cfg)
+print("ready", flush=True)
+version = 0
+while True:
+    version += 1
+    attrs = ["a", "b", "c"][: 2 + version % 2]
+    flats = [torch.full((shape.num_virtual_tokens, shape.flat_dim), float(version)) for _ in attrs]
+    ap.write_attribute_prefixes(sys.argv[1], attrs, flats, cfg, extra_index={"version": version})
+"""
+
+
+def test_kill_during_prefix_save_leaves_old_or_new_never_a_mix(tmp_path):
+    import time
+
+    target = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    seen = set()
+    for delay in (0.05, 0.2, 0.4, 0.7, 1.0):
+        proc = subprocess.Popen([sys.executable, "-c", _PREFIX_SAVER, str(target)], stdout=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        if (target / "attribute_prefixes.json").exists():
+            ckpt = ap.read_attribute_prefixes(target)
+            version = ckpt.index["version"]
+            assert ckpt.attributes == ["a", "b", "c"][: 2 + version % 2]
+            assert {float(t.unique()) for t in ckpt.prefixes.values()} == {float(version)}
+            on_disk = sorted(p.name for p in target.iterdir() if p.is_dir())
+            assert on_disk == ckpt.attributes, "a folder of another version is left beside the index"
+            seen.add(version)
+    assert seen, "no save finished before any kill"

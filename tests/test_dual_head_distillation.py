@@ -410,3 +410,18 @@ def test_no_teacher_and_no_cached_logits_says_how_to_fix(tmp_path):
     _, student = image_pair()
     with pytest.raises(ValueError, match="precompute_teacher_logits"):
         DualHeadDistillationTrainer(model=student, args=make_args(tmp_path, mode="kd"), train_dataset=ImageData())
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "weight_decay", "max_grad_norm"])
+def test_inherited_training_numbers_must_be_finite(tmp_path, field):
+    with pytest.raises(ValueError, match=rf"DualHeadDistillationConfig\.{field} must be a finite number, got nan"):
+        make_args(tmp_path, **{field: float("nan")})
+
+
+def test_distill_student_options_are_checked(capsys):
+    from hf_collapse.cli import main
+
+    assert main(["distill", "--output_dir", "x", "--mode", "ce", "--student_depths", "1,1"]) == 2
+    assert "one entry per stage" in capsys.readouterr().err
+    assert main(["distill", "--output_dir", "x", "--mode", "ce", "--train_limit", "0"]) == 2
+    assert "--train_limit must be an integer >= 1" in capsys.readouterr().err

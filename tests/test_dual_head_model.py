@@ -149,3 +149,8 @@ def test_feature_size_that_does_not_fit_the_backbone_says_so():
     model = DualHeadForImageClassification(DualHeadConfig(backbone_config=backbone, num_labels=3, feature_size=32))
     with pytest.raises(ValueError, match="16-wide features but the heads expect 32"):
         model(pixel_values=torch.randn(2, 1, 28, 28))
+
+
+def test_misspelt_config_field_gets_a_suggestion():
+    with pytest.raises(TypeError, match="did you mean 'aux_hidden_size'"):
+        DualHeadConfig(backbone_config=ResNetConfig(), aux_hiden_size=100)

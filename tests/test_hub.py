@@ -179,12 +179,13 @@ def test_push_uploads_folder_through_http_layer(tmp_path, monkeypatch):
         push(tmp_path / "ckpt", "me/m", token="hf_fake")
 
 
-def test_exported_card_shows_trust_remote_code(tmp_path):
-    out = export_for_hub(tiny_model(), tmp_path / "export")
+@pytest.mark.parametrize("case", ["dual_head", "robust_mamba2"])
+def test_exported_card_shows_trust_remote_code(tmp_path, case):
+    out = export_for_hub(EXPORT_CASES[case][0](), tmp_path / "export")
     text = (out / "README.md").read_text()
     assert "trust_remote_code=True" in text and "pip install hf-collapse" not in text
     plain = tmp_path / "plain"
-    tiny_model().save_pretrained(plain)
+    EXPORT_CASES[case][0]().save_pretrained(plain)
     assert "pip install hf-collapse" in (plain / "README.md").read_text()
 
 

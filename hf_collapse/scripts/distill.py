@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..validation import check_number
 from .fashion_mnist import FASHION_MNIST_DIR
-from .utils import parse_args
+from .utils import CommandError, parse_args, parse_list
 
 __all__ = ["DistillScriptArguments", "build_student", "run_distillation", "main"]
 
@@ -42,6 +43,19 @@ class DistillScriptArguments:
         default=False, metadata={"help": "Also save the main head as a plain ResNetForImageClassification."}
     )
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU runs)."})
+
+    def __post_init__(self) -> None:
+        check_number("--", "train_limit", self.train_limit, integer=True, minimum=1, allow_none=True)
+        check_number("--", "eval_limit", self.eval_limit, integer=True, minimum=1, allow_none=True)
+        check_number("--", "student_embedding_size", self.student_embedding_size, integer=True, minimum=1)
+        check_number("--", "threads", self.threads, integer=True, minimum=1, allow_none=True)
+        for name in ("student_hidden_sizes", "student_depths"):
+            for value in parse_list(getattr(self, name), int, f"--{name}"):
+                check_number("--", name, value, integer=True, minimum=1)
+        if len(parse_list(self.student_hidden_sizes, int, "")) != len(parse_list(self.student_depths, int, "")):
+            raise CommandError("--student_hidden_sizes and --student_depths need one entry per stage each")
+        if self.aux_head not in ("mlp", "linear"):
+            raise CommandError(f"--aux_head must be 'mlp' or 'linear', got {self.aux_head!r}")
 
 
 def _ints(text: str) -> list[int]:

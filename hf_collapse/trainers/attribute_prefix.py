@@ -28,7 +28,7 @@ from ..modeling.attribute_prefixes import (
     save_attribute_prefixes,
     validate_attribute_names,
 )
-from ..validation import check_number
+from ..validation import check_finite_fields, check_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
@@ -73,7 +73,7 @@ class AttributePrefixConfig(TrainingArguments):
     # a prefix trainer's extra column (attribute_ids) must survive the Trainer's column pruning
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the trainer tokenizes itself."})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         try:
             validate_attribute_names(self.attributes)
@@ -87,6 +87,7 @@ class AttributePrefixConfig(TrainingArguments):
         check_number(owner, "encoder_hidden_size", self.encoder_hidden_size, integer=True, minimum=1)
         # the start token plus at least one text token, or there is nothing to predict
         check_number(owner, "max_length", self.max_length, integer=True, minimum=2)
+        check_finite_fields("AttributePrefixConfig", self)  # TrainingArguments itself lets learning_rate=nan through
 
 
 class _Collator:

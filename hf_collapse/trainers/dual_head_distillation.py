@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..validation import check_number
+from ..validation import check_finite_fields, check_number
 from .distillation_losses import LOGIT_LOSSES, hinton_kd_loss
 from .teacher_logits import TEACHER_COLUMNS, has_teacher_logits, teacher_logits_from_batch
 
@@ -78,6 +78,7 @@ class DualHeadDistillationConfig(TrainingArguments):
             raise ValueError(
                 f"DualHeadDistillationConfig: gradient_alignment needs two loss terms; mode={self.mode!r} has one."
             )
+        check_finite_fields("DualHeadDistillationConfig", self)  # TrainingArguments itself lets learning_rate=nan through
 
 
 class DualHeadDistillationTrainer(Trainer):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
-from ...validation import check_number
+from ...validation import check_known_fields, check_number
 
 AUX_HEADS = ("linear", "mlp")
 POOLINGS = ("auto", "pooler", "cls", "mean", "avg")
@@ -83,6 +84,10 @@ class DualHeadConfig(PretrainedConfig):
                                     allow_none=True)  # fmt: skip
         if pooling not in POOLINGS:
             raise ValueError(f"DualHeadConfig: pooling must be one of {POOLINGS}, got {pooling!r}.")
+        # a keyword close to one of this config's own fields is a typo; PretrainedConfig's own keys pass through
+        base_keys = {*inspect.signature(PretrainedConfig.__init__).parameters, *PretrainedConfig().to_dict(), "name_or_path"}
+        own = [p for p in inspect.signature(DualHeadConfig.__init__).parameters if p not in ("self", "kwargs")]
+        check_known_fields("DualHeadConfig", [k for k in kwargs if k not in base_keys], own)
         self.backbone_config = backbone_config
         self.aux_head = aux_head
         self.aux_hidden_size = aux_hidden_size
