@@ -11,13 +11,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["read_idx", "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_LABELS"]
+__all__ = ["read_idx", "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_LABELS", "DEMO_SAMPLE", "demo_sample"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # `apt-get install -y dataset-fashion-mnist`
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 _MEAN, _STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
+
+
+def _normalise(images: np.ndarray) -> torch.Tensor:
+    """uint8 `(N, 28, 28)` -> normalised float `(N, 1, 28, 28)`, as the bundled student was trained."""
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return (x - _MEAN) / _STD
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -35,6 +41,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} items, found {arr.size}.")
     return arr.reshape(shape)
+
+
+DEMO_SAMPLE = "demo_data/fashion_mnist_test_300.safetensors"  # inside hf_collapse.scripts; see its PROVENANCE.md
 
 
 class FashionMNIST(Dataset):
@@ -65,8 +74,7 @@ class FashionMNIST(Dataset):
         labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
-        x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, 28, 28)
-        self.pixel_values = (x - _MEAN) / _STD
+        self.pixel_values = _normalise(images)
         self.labels = torch.from_numpy(labels.astype(np.int64))
 
     def __len__(self) -> int:
@@ -74,3 +82,17 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+
+def demo_sample() -> FashionMNIST:
+    """The 300 Fashion-MNIST test images shipped with the package (for the demo on machines without the dataset)."""
+    import importlib.resources
+
+    from safetensors.torch import load_file
+
+    path = importlib.resources.files("hf_collapse.scripts") / DEMO_SAMPLE
+    with importlib.resources.as_file(path) as file:
+        data = load_file(str(file))
+    sample = FashionMNIST.__new__(FashionMNIST)
+    sample.pixel_values, sample.labels = _normalise(data["images"].numpy()), data["labels"].long()
+    return sample
