@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +273,40 @@ def test_kill_during_save_leaves_old_or_new_never_a_mix(tmp_path):
     assert seen, "no save finished in any run: the kill points never reached a finished checkpoint"
     tiny_model().save_pretrained(target)  # the next save removes what the killed ones left behind
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+OLD_EXPORTS = Path(__file__).resolve().parent / "fixtures" / "exports_v0"
+
+
+def test_exports_saved_before_the_restructure_load_with_the_package():
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+    expected = load_file(OLD_EXPORTS / "expected.safetensors")
+    dual = AutoModelForImageClassification.from_pretrained(OLD_EXPORTS / "dual_head", use_safetensors=True).eval()
+    mamba = AutoModelForCausalLM.from_pretrained(OLD_EXPORTS / "robust_mamba2", use_safetensors=True).eval()
+    assert type(dual).__module__.startswith("hf_collapse") and type(mamba).__module__.startswith("hf_collapse")
+    with torch.no_grad():
+        torch.testing.assert_close(dual(pixel_values=expected["pixel_values"]).logits, expected["dual_head_logits"])
+        torch.testing.assert_close(mamba(expected["input_ids"]).logits, expected["robust_mamba2_logits"])
+
+
+def test_exports_saved_before_the_restructure_load_without_the_package(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_collapse"] = None  # hf-collapse cannot be imported here
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+        root = {str(OLD_EXPORTS)!r}
+        expected = load_file(root + "/expected.safetensors")
+        dual = AutoModelForImageClassification.from_pretrained(root + "/dual_head", trust_remote_code=True).eval()
+        mamba = AutoModelForCausalLM.from_pretrained(root + "/robust_mamba2", trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(dual(pixel_values=expected["pixel_values"]).logits, expected["dual_head_logits"])
+            torch.testing.assert_close(mamba(expected["input_ids"]).logits, expected["robust_mamba2_logits"])
+        print("ok")
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
