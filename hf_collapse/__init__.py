@@ -1,11 +1,12 @@
 """hf-collapse: fixes for three collapses, as Hugging Face Transformers components.
 
-* Attribute collapse (Air-Decoding): `AirDecodingLogitsProcessor`, `AttributePrefixTrainer`.
+* Attribute collapse (Air-Decoding): `AirDecodingLogitsProcessor`, `AttributePrefixTrainer`, and the fused
+  `AirDecodingForCausalLM` (generator and attribute prefixes in one forward per step).
 * State collapse in Mamba-2 (Stuffed Mamba): `RobustMamba2ForCausalLM`.
 * Head collapse in knowledge distillation (Dual-Head KD): `DualHeadForImageClassification`,
   `DualHeadDistillationTrainer`.
 
-`import hf_collapse` registers every config and model with the `Auto*` classes, which imports the two modeling
+`import hf_collapse` registers every config and model with the `Auto*` classes, which imports the modeling
 packages (transformers' Auto mappings need the classes themselves). Everything else (processors, trainers, metrics,
 evaluations, the command line) is imported on first attribute access.
 """
@@ -38,12 +39,15 @@ _LAZY: dict[str, str] = {
     "RobustMamba2Cache": "hf_collapse.modeling.robust_mamba2",
     "convert_mamba_ssm_checkpoint": "hf_collapse.modeling.robust_mamba2",
     "calibrate_state_norms": "hf_collapse.modeling.robust_mamba2",
+    "calibrate_decay_scales": "hf_collapse.modeling.robust_mamba2",
     "recommended_training_length": "hf_collapse.modeling.robust_mamba2",
     # Air-Decoding
     "AttributePrefixConfig": "hf_collapse.trainers.attribute_prefix",
     "AttributePrefixTrainer": "hf_collapse.trainers.attribute_prefix",
     "AttributePrefixModel": "hf_collapse.processors.attribute_prefix_model",
     "AirDecodingLogitsProcessor": "hf_collapse.processors.air_decoding",
+    "AirDecodingConfig": "hf_collapse.modeling.air_decoding",
+    "AirDecodingForCausalLM": "hf_collapse.modeling.air_decoding",
     "WeightedDecodingLogitsProcessor": "hf_collapse.processors.air_decoding",
     # Hub
     "make_model_card": "hf_collapse.model_cards",
@@ -79,6 +83,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers only
     from .hub import export_for_hub, push  # noqa: F401
     from .model_cards import make_model_card  # noqa: F401
+    from .modeling.air_decoding import AirDecodingConfig, AirDecodingForCausalLM  # noqa: F401
     from .modeling.dual_head import (  # noqa: F401
         DualHeadClassifierOutput,
         DualHeadConfig,
@@ -92,6 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers only
         RobustMamba2Config,
         RobustMamba2ForCausalLM,
         RobustMamba2Model,
+        calibrate_decay_scales,
         calibrate_state_norms,
         convert_mamba_ssm_checkpoint,
         recommended_training_length,

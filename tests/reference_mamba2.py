@@ -2,6 +2,7 @@
 
 Per layer and head (1-indexed positions t):
     Δ_t = clamp(softplus(dt_t + dt_bias)),  A = −exp(A_log)·decay_scale,  B_t ← insertion_scale·B_t
+    (decay_scale: one number, or a (layers, heads) table whose row for this layer scales each head's A)
     h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ                          (x_t: head_dim, B_t: state)
     sliding_window r: y_t = C_t·(h_t − exp(A·Σ_{j=b+1..t} Δ_j)·h_b),  b = r·max(0, ⌈t/r⌉ − 2)   else y_t = C_t·h_t
     y_t += D·x_t
@@ -38,7 +39,7 @@ def _mixer(mixer, config, hidden, layer_idx):
     Bm = Bm.view(b, T, G, N).repeat_interleave(H // G, dim=2) * config.insertion_scale  # (b, T, H, N)
     Cm = Cm.view(b, T, G, N).repeat_interleave(H // G, dim=2)
     delta = F.softplus(dt + mixer.dt_bias.double()).clamp(*config.time_step_limit)  # (b, T, H)
-    A = -torch.exp(mixer.A_log.double()) * config.decay_scale  # (H,)
+    A = -torch.exp(mixer.A_log.double()) * _decay_scales(config.decay_scale, layer_idx, H)  # (H,)
     D = mixer.D.double()
     caps = config.state_norm_caps(layer_idx)
     r, S = config.sliding_window, config.state_norm_every
@@ -69,6 +70,16 @@ def _mixer(mixer, config, hidden, layer_idx):
     return F.linear(
         y, mixer.out_proj.weight.double(), None if mixer.out_proj.bias is None else mixer.out_proj.bias.double()
     )
+
+
+def _decay_scales(decay_scale, layer_idx, heads):
+    """(H,) float64 decay scales of one layer, from one number or a (layers, heads) table (read here, not via the
+    config's helpers, so the reference shares no code with the model)."""
+    if isinstance(decay_scale, (list, tuple)):
+        row = decay_scale[layer_idx]
+        assert len(row) == heads
+        return torch.tensor([float(v) for v in row], dtype=torch.float64)
+    return torch.full((heads,), float(decay_scale), dtype=torch.float64)
 
 
 def _rms(x, norm):

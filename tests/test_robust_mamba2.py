@@ -7,6 +7,7 @@ Three modes are checked everywhere: one forward over the whole input, segmented 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -22,7 +23,15 @@ from hf_collapse import (
     convert_mamba_ssm_checkpoint,
     recommended_training_length,
 )
-from hf_collapse.modeling.robust_mamba2 import RobustMamba2Cache, RobustMamba2CacheLayer, resolve_kernels
+from hf_collapse.modeling.robust_mamba2 import (
+    DECAY_SCALE_CANDIDATES,
+    RobustMamba2Cache,
+    RobustMamba2CacheLayer,
+    calibrate_decay_scales,
+    first_token_memory,
+    mamba_ssm_config_to_robust,
+    resolve_kernels,
+)
 
 torch.set_num_threads(1)
 
@@ -135,6 +144,16 @@ MITIGATIONS = {
     "sliding_window": dict(sliding_window=6),
     "scales+state_norm_max": dict(insertion_scale=0.6, decay_scale=1.5, state_norm_max=0.001, state_norm_every=5),
     "scales+sliding_window": dict(insertion_scale=0.6, decay_scale=1.5, sliding_window=5),
+    # per-head forgetting: one decay_scale per (layer, head), some heads left at 1
+    "decay_scale-per-head": dict(decay_scale=[[1.0, 4.0, 0.5, 2.5], [3.0, 1.0, 1.5, 6.0]]),
+    "decay_scale-per-head+sliding_window": dict(
+        decay_scale=[[1.0, 4.0, 0.5, 2.5], [3.0, 1.0, 1.5, 6.0]], sliding_window=5
+    ),
+    "decay_scale-per-head+state_norm_max": dict(
+        decay_scale=[[2.0, 1.0, 8.0, 0.7], [1.0, 5.0, 1.0, 3.0]],
+        state_norm_max=[[0.001, 0.002, 1e3, 0.0005], [0.0005, 0.001, 0.0002, 1e3]],
+        state_norm_every=4,
+    ),
 }
 
 
@@ -150,7 +169,7 @@ def test_mitigation_matches_reference_in_all_modes(name):
         assert (logits - expected).abs().max() < TOL, (name, mode)
 
 
-@pytest.mark.parametrize("name", ["state_norm_max", "scales+sliding_window"])
+@pytest.mark.parametrize("name", ["state_norm_max", "scales+sliding_window", "decay_scale-per-head+sliding_window"])
 def test_decoding_through_transformers_kernel_functions(name):
     """On GPU decoding goes through mamba2_selective_state_update / causal_conv1d_update; same result on CPU."""
     model = _robust(**MITIGATIONS[name])
@@ -216,6 +235,74 @@ def test_bad_fields_set_after_construction_are_caught_by_the_model():
         RobustMamba2ForCausalLM(config)
 
 
+def test_fields_are_revalidated_at_every_forward():
+    """A field made invalid after the model was built raises at the next forward instead of giving NaN logits."""
+    ids = _ids(length=9)
+    model = _robust()
+    model.config.decay_scale = float("nan")
+    with pytest.raises(ValueError, match="decay_scale"):
+        model(ids)
+    model.config.decay_scale = 1.0
+    model.config.insertion_scale = float("inf")
+    with pytest.raises(ValueError, match="insertion_scale"):
+        model.backbone(ids)  # the base model checks too
+    model.config.insertion_scale = 1.0
+    assert torch.isfinite(model(ids).logits).all()  # valid again: runs
+
+    capped = _robust(state_norm_max=0.01)
+    capped.config.sliding_window = 4  # an invalid combination
+    with pytest.raises(ValueError, match="cannot be combined"):
+        capped(ids)
+    capped.config.sliding_window = None
+    capped.config.state_norm_max = [[0.01] * 4, [0.01] * 4]
+    capped(ids)
+    capped.config.state_norm_max[1][2] = -1.0  # edited in place: still seen (compared by value)
+    with pytest.raises(ValueError, match=r"state_norm_max\[1\]\[2\]"):
+        capped(ids, cache=RobustMamba2Cache(config=capped.config), use_cache=True)
+    # and during decoding, through generate()
+    model.config.decay_scale = [[1.0] * 4, [1.0, float("nan"), 1.0, 1.0]]
+    with pytest.raises(ValueError, match=r"decay_scale\[1\]\[1\]"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(decay_scale=[[1.0, 2.0]]), "shape"),
+        (dict(decay_scale=[[1.0] * 4] * 3), "shape"),
+        (dict(decay_scale=[[1.0, 2.0, 0.0, 1.0], [1.0] * 4]), r"decay_scale\[0\]\[2\]"),
+        (dict(decay_scale=[[1.0] * 4, [1.0, float("nan"), 1.0, 1.0]]), r"decay_scale\[1\]\[1\]"),
+        (dict(decay_scale=[[1.0] * 4, [1.0, 1.0, float("inf"), True]]), "decay_scale"),
+    ],
+)
+def test_bad_per_head_decay_scale_raises(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RobustMamba2Config(**TINY, **bad)
+
+
+def test_per_head_decay_scale_table_is_normalised_and_equal_rows_match_the_scalar():
+    config = RobustMamba2Config(**TINY, decay_scale=[[1, 2, 3, 4], [1, 1, 1, 1]])
+    assert config.decay_scale == [[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]]
+    assert all(isinstance(v, float) for row in config.decay_scale for v in row)
+    assert config.decay_scales(0) == [1.0, 2.0, 3.0, 4.0] and config.has_mitigations
+    assert not RobustMamba2Config(**TINY, decay_scale=[[1.0] * 4] * 2).has_mitigations
+    ids = _ids(length=20)
+    with torch.no_grad():
+        table = _robust(decay_scale=[[2.5] * 4] * 2)(ids).logits
+        scalar = _robust(decay_scale=2.5)(ids).logits
+    assert (table - scalar).abs().max() < 1e-6
+
+
+def test_norm_before_gate_is_refused():
+    with pytest.raises(ValueError, match="norm_before_gate"):
+        RobustMamba2Config(**TINY, norm_before_gate=True)
+    config = RobustMamba2Config(**TINY, norm_before_gate=False)  # what older transformers configs carry: accepted
+    model = RobustMamba2ForCausalLM(config).eval()
+    model.config.norm_before_gate = True
+    with pytest.raises(ValueError, match="norm_before_gate"):
+        model(_ids(length=5))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # loading and conversion
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,11 +335,8 @@ def test_from_mamba2_rejects_unknown_fields():
         RobustMamba2ForCausalLM.from_mamba2(Mamba2ForCausalLM(Mamba2Config(**TINY)), window=3)
 
 
-def test_convert_mamba_ssm_checkpoint(tmp_path):
-    """A small checkpoint in the state-spaces format: tied embeddings, padded vocabulary, backbone.embedding.*."""
-    src = tmp_path / "mamba2-tiny-ssm"
-    src.mkdir()
-    ssm_config = {
+def _ssm_config():
+    return {
         "d_model": 16,
         "d_intermediate": 0,
         "n_layer": 2,
@@ -266,7 +350,13 @@ def test_convert_mamba_ssm_checkpoint(tmp_path):
         "pad_vocab_size_multiple": 16,
         "tie_embeddings": True,
     }
-    (src / "config.json").write_text(json.dumps(ssm_config))
+
+
+def test_convert_mamba_ssm_checkpoint(tmp_path):
+    """A small checkpoint in the state-spaces format: tied embeddings, padded vocabulary, backbone.embedding.*."""
+    src = tmp_path / "mamba2-tiny-ssm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(_ssm_config()))
     torch.manual_seed(0)
     reference = Mamba2ForCausalLM(
         Mamba2Config(
@@ -283,9 +373,28 @@ def test_convert_mamba_ssm_checkpoint(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
     assert isinstance(model, RobustMamba2ForCausalLM)
     assert model.config.n_groups == 1 and model.config.vocab_size == 48
+    # GPT-NeoX token ids (as transformers' own converter writes them), not Mamba2Config's defaults (pad 1, eos 2)
+    ids_written = json.loads((tmp_path / "converted" / "config.json").read_text())
+    assert (ids_written["pad_token_id"], ids_written["bos_token_id"], ids_written["eos_token_id"]) == (0, 0, 0)
+    generation = json.loads((tmp_path / "converted" / "generation_config.json").read_text())
+    assert (generation.get("pad_token_id"), generation.get("bos_token_id"), generation.get("eos_token_id")) == (0, 0, 0)
+    assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (0, 0, 0)
     ids = _ids(length=20)
     with torch.no_grad():
         assert (model(ids, use_cache=True).logits - reference(ids).logits).abs().max() < TOL
+
+
+def test_convert_refuses_norm_before_gate_and_remote_names(tmp_path):
+    config = _ssm_config()
+    assert mamba_ssm_config_to_robust(config).eos_token_id == 0
+    config["ssm_cfg"] = {**config["ssm_cfg"], "norm_before_gate": True}
+    with pytest.raises(ValueError, match="norm_before_gate"):
+        mamba_ssm_config_to_robust(config)
+    config["ssm_cfg"]["norm_before_gate"] = False  # mamba_ssm's default: fine
+    assert mamba_ssm_config_to_robust(config).num_heads == 4
+    # a Hub name is not a local folder: the error says to download it first
+    with pytest.raises(FileNotFoundError, match="snapshot_download"):
+        convert_mamba_ssm_checkpoint(tmp_path / "state-spaces" / "mamba2-130m", tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,6 +524,137 @@ def test_calibrate_state_norms():
     calibrate_state_norms(model, ids, margin=0.3, write_to_config=True)
     with torch.no_grad():
         assert (model(ids).logits - uncapped).abs().max() > 50 * TOL
+
+
+def test_calibrate_state_norms_validates_before_writing_and_refuses_empty_ids():
+    model = _robust(sliding_window=4)
+    ids = _ids(length=12)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        calibrate_state_norms(model, ids, write_to_config=True)
+    assert model.config.state_norm_max is None  # nothing was written: the config is still valid
+    model(ids)
+    for empty in (ids[:, :0], ids[:0]):
+        with pytest.raises(ValueError, match="empty"):
+            calibrate_state_norms(model, empty)
+
+
+def _long_memory_model():
+    """Heads 0 and 1 of each layer forget slowly (A = −0.2), the others as initialised."""
+    model = _robust()
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            block.mixer.A_log[:2] = math.log(0.2)
+    return model
+
+
+def test_first_token_memory_matches_a_direct_computation():
+    model = _long_memory_model()
+    ids = _ids(length=30)
+    log_memory = first_token_memory(model, ids)  # (b, layers, h)
+    assert log_memory.shape == (2, TINY["num_hidden_layers"], TINY["num_heads"]) and (log_memory <= 0).all()
+    # layer 0, from the equations: Δ_t = clamp(softplus(dt_t + dt_bias)) of the normalised embeddings, memory of
+    # position 1 at T = exp(A·Σ_{t=2..T} Δ_t) with A = −exp(A_log)
+    mixer, norm = model.backbone.layers[0].mixer, model.backbone.layers[0].norm
+    with torch.no_grad():
+        h = model.backbone.embeddings.weight.double()[ids]
+        h = norm.weight.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        dt = (h @ mixer.in_proj.weight.double().T)[..., -TINY["num_heads"] :]
+        delta = torch.nn.functional.softplus(dt + mixer.dt_bias.double()).clamp(*mixer.time_step_limit)
+        expected = -torch.exp(mixer.A_log.double()) * delta[:, 1:].sum(dim=1)
+    assert torch.allclose(log_memory[:, 0], expected, rtol=1e-5, atol=1e-7)
+    # a decay_scale already in the config does not change the measurement (it is taken with decay_scale 1)
+    model.config.decay_scale = 3.0
+    assert torch.allclose(first_token_memory(model, ids)[:, 0], log_memory[:, 0])
+    assert model.config.decay_scale == 3.0
+    # nor do the model's internal segments (position 1 is only in the first one)
+    model.config.decay_scale, model.config.max_segment_length = 1.0, 7
+    assert torch.allclose(first_token_memory(model, ids), log_memory, rtol=1e-6, atol=1e-9)
+
+
+def test_calibrate_decay_scales():
+    model = _long_memory_model()
+    ids = _ids(length=30)
+    memory = first_token_memory(model, ids).max(dim=0).values.exp()  # (layers, h), the row that remembers most
+    threshold = 0.1
+    table = calibrate_decay_scales(model, ids, threshold=threshold)
+    assert model.config.decay_scale == 1.0  # not written unless asked
+    candidates = sorted(DECAY_SCALE_CANDIDATES)
+    changed = 0
+    for layer in range(TINY["num_hidden_layers"]):
+        for head in range(TINY["num_heads"]):
+            m, s = float(memory[layer, head]), table[layer][head]
+            if m <= threshold:
+                assert s == 1.0, (layer, head)
+                continue
+            changed += 1
+            assert m**s < threshold, (layer, head)  # the chosen scale brings the memory below the threshold
+            smaller = [c for c in candidates if c < s]
+            assert all(m**c >= threshold for c in smaller), (layer, head)  # and is the smallest that does
+    assert changed >= 2 and any(s == 1.0 for row in table for s in row)
+    # the long-memory heads needed large scales: their memory exp(−0.2·ΣΔ) is close to 1
+    assert min(table[0][0], table[0][1], table[1][0], table[1][1]) >= 8
+
+    # mean over rows: never a larger scale than the row that remembers most needs
+    mean_table = calibrate_decay_scales(model, ids, threshold=threshold, reduction="mean")
+    assert all(a <= b for ra, rb in zip(mean_table, table) for a, b in zip(ra, rb))
+
+    # not enough candidates: the largest is used, with a warning
+    with pytest.warns(UserWarning, match="head"):
+        short = calibrate_decay_scales(model, ids, threshold=threshold, candidates=[1, 2])
+    assert short[0][0] == 2.0
+
+    reference_before = reference_logits(model, ids).float()
+    written = calibrate_decay_scales(model, ids, threshold=threshold, write_to_config=True)
+    assert model.config.decay_scale == written == table
+    expected = reference_logits(model, ids).float()  # the float64 reference with the per-head table
+    assert (expected - reference_before).abs().max() > 20 * TOL
+    assert (_single(model, ids) - expected).abs().max() < TOL
+
+    for bad in (dict(threshold=0.0), dict(threshold=1.5), dict(candidates=[]), dict(candidates=[0.0, 2.0]),
+                dict(reduction="median")):  # fmt: skip
+        with pytest.raises(ValueError):
+            calibrate_decay_scales(model, ids, **bad)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate_decay_scales(model, ids[:, :0])
+
+
+def test_calibrate_decay_scales_validates_before_writing():
+    model = _long_memory_model()
+    ids = _ids(length=20)
+    model.config.max_segment_length = 0  # an invalid field set by hand: the table must not be written
+    with pytest.raises(ValueError, match="max_segment_length"):
+        calibrate_decay_scales(model, ids, write_to_config=True)
+    assert model.config.decay_scale == 1.0
+
+
+@pytest.mark.parametrize("mitigations", [{}, dict(sliding_window=6, decay_scale=1.5)])
+@pytest.mark.parametrize("beta", [0.4, 3.0])
+def test_insertion_scale_equals_dividing_D(beta, mitigations):
+    """insertion_scale = β scales every state by β (the recurrence is linear from h_0 = 0), so y = C·h + D·x becomes
+    β·(C·h + (D/β)·x). The gated RMSNorm removes the factor β: RMSNorm(β·v; ε) = RMSNorm(v; ε/β²). So the model
+    with insertion_scale = β is exactly the model with D/β and the gated norm's ε divided by β²."""
+    model = _robust(insertion_scale=beta, **mitigations)
+    twin = _robust(**mitigations)
+    with torch.no_grad():
+        for block in twin.backbone.layers:
+            block.mixer.D.div_(beta)
+            block.mixer.norm.variance_epsilon /= beta**2
+    ids = _ids()
+    with torch.no_grad():
+        scaled, divided = model(ids).logits, twin(ids).logits
+        plain = _robust(**mitigations)(ids).logits
+    assert (scaled - divided).abs().max() < 1e-5
+    assert (scaled - plain).abs().max() > 100 * 1e-5  # while insertion_scale itself does change the logits
+    # with a negligible ε, dividing D alone is enough
+    tight = dict(TINY, layer_norm_epsilon=1e-12)
+    torch.manual_seed(0)
+    model = RobustMamba2ForCausalLM(RobustMamba2Config(**tight, insertion_scale=beta, **mitigations)).eval()
+    torch.manual_seed(0)
+    twin = RobustMamba2ForCausalLM(RobustMamba2Config(**tight, **mitigations)).eval()
+    with torch.no_grad():
+        for block in twin.backbone.layers:
+            block.mixer.D.div_(beta)
+        assert (model(ids).logits - twin(ids).logits).abs().max() < 1e-5
 
 
 def test_recommended_training_length():

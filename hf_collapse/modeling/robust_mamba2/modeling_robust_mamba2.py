@@ -68,7 +68,7 @@ class _Mitigations:
     """The mitigation fields of the config as one forward call uses them."""
 
     insertion_scale: float
-    decay_scale: float
+    decay_scale: torch.Tensor | None  # (h,) decay_scale of this layer's heads, None when all are 1
     caps: torch.Tensor | None  # (h,) state_norm_max caps τ of this layer
     every: int
     window: int | None
@@ -96,23 +96,27 @@ class RobustMamba2Mixer(Mamba2Mixer):
         # the config is read at every forward, so calibrate_state_norms / edits to the config take effect at once
         self.config = config
         self.kernel_functions = resolve_kernels()
+        self._per_head_tensors: dict[str, tuple] = {}
+
+    def _per_head_tensor(self, name: str, values: list[float], device) -> torch.Tensor:
+        """(h,) float32 tensor of a per-head config value, rebuilt only when the values or the device change.
+
+        Building a tensor from the config list at every decoding step costs as much as the step itself."""
+        key = (tuple(values), str(device))
+        cached = self._per_head_tensors.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.tensor(values, dtype=torch.float32, device=device))
+            self._per_head_tensors[name] = cached
+        return cached[1]
 
     def _mitigations(self, device) -> _Mitigations:
         cfg = self.config
         caps = cfg.state_norm_caps(self.layer_idx)
-        caps_tensor = None
-        if caps is not None:
-            # cached: building a tensor from the config list at every decoding step costs as much as the step
-            key = (tuple(caps), str(device))
-            cached = getattr(self, "_caps_cache", None)
-            if cached is None or cached[0] != key:
-                cached = (key, torch.tensor(caps, dtype=torch.float32, device=device))
-                self._caps_cache = cached
-            caps_tensor = cached[1]
+        decay = cfg.decay_scales(self.layer_idx)
         return _Mitigations(
             insertion_scale=float(cfg.insertion_scale),
-            decay_scale=float(cfg.decay_scale),
-            caps=caps_tensor,
+            decay_scale=None if all(v == 1.0 for v in decay) else self._per_head_tensor("decay_scale", decay, device),
+            caps=None if caps is None else self._per_head_tensor("state_norm_max", caps, device),
             every=int(cfg.state_norm_every),
             window=cfg.sliding_window,
         )
@@ -176,8 +180,10 @@ class RobustMamba2Mixer(Mamba2Mixer):
         delta = F.softplus(dt + self.dt_bias.to(dt.dtype))  # (b, l, h)
         delta = torch.clamp(delta, min=self.time_step_limit[0], max=self.time_step_limit[1])
         A = -torch.exp(self.A_log.float())  # (h,)
-        if mit.decay_scale != 1.0:
-            A = A * mit.decay_scale  # α ← α**decay_scale; the insertion Δ·B·x is unchanged
+        if mit.decay_scale is not None:
+            # α ← α**decay_scale per head; the insertion Δ·B·x is unchanged. Every later use of A (scan, decode step,
+            # the window's exp(A·ΣΔ)·h_b readout, the rebuilt states) gets this scaled A
+            A = A * mit.decay_scale  # (h,)
 
         if mit.window is not None and layer.window is None:
             layer.window = SlidingWindowState.zeros(
@@ -368,8 +374,10 @@ class RobustMamba2PreTrainedModel(SafeCheckpointMixin, Mamba2PreTrainedModel):
         active = {
             k: getattr(c, k)
             for k in ("insertion_scale", "decay_scale", "sliding_window")
-            if getattr(c, k) not in (None, 1.0)
+            if not isinstance(getattr(c, k), list) and getattr(c, k) not in (None, 1.0)
         }
+        if isinstance(c.decay_scale, list):
+            active["decay_scale"] = "per head (layers × heads table)"
         if c.state_norm_max is not None:
             active["state_norm_max"] = f"set (every {c.state_norm_every} tokens)"
         return {"model_id": c.name_or_path or "robust-mamba2", "mitigations": active or "none (defaults)"}
@@ -402,7 +410,8 @@ class RobustMamba2Model(RobustMamba2PreTrainedModel):
 
     def __init__(self, config: RobustMamba2Config):
         super().__init__(config)
-        config.check_mitigations()
+        self._validated_mitigations: tuple | None = None
+        self.check_mitigations()
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([RobustMamba2Block(config, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
@@ -415,6 +424,17 @@ class RobustMamba2Model(RobustMamba2PreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
+
+    def check_mitigations(self) -> None:
+        """``config.check_mitigations()``, re-run only when a mitigation field changed since the last check.
+
+        Called at every forward: the mixers read the config directly, so a field set to NaN (or to an invalid
+        combination) after the model was built must raise a ``ValueError`` naming it instead of producing NaN logits.
+        Comparing the fields' values with those of the last successful check costs microseconds per call."""
+        key = self.config.mitigation_key()
+        if key != self._validated_mitigations:
+            self.config.check_mitigations()
+            self._validated_mitigations = self.config.mitigation_key()  # after normalisation (ints become floats)
 
     def iter_segments(
         self,
@@ -433,6 +453,10 @@ class RobustMamba2Model(RobustMamba2PreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        self.check_mitigations()
+        if cache is not None:
+            # what the state is produced with, recorded for RobustMamba2Cache.save (an immutable tuple: no copy)
+            cache.mitigation_key = self._validated_mitigations
         total = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         seg = segment_length or self.config.max_segment_length
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -463,6 +487,7 @@ class RobustMamba2Model(RobustMamba2PreTrainedModel):
         ``(cache, use_cache, output_hidden_states, return_dict)``."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        self.check_mitigations()  # before has_mitigations is read below
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -543,6 +568,19 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
             model_kwargs["cache"] = RobustMamba2Cache(config=self.config)
         else:
             as_robust_cache(cache, self.config.num_hidden_layers)  # a user's cache: usable if still empty
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # generate() repeats the inputs for num_beams / num_return_sequences but not a cache passed in: a prefilled
+        # RobustMamba2Cache (one state per prompt row) gets its rows repeated the same way, in place
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        cache = model_kwargs.get("cache")
+        if expand_size > 1 and input_ids is not None and isinstance(cache, Cache) and cache.layers:
+            state = getattr(cache.layers[0], "ssm_state", None)  # (b, h, p, n) or None while empty
+            if state is not None and state.shape[0] * expand_size == input_ids.shape[0]:
+                cache.batch_repeat_interleave(expand_size)
+        return input_ids, model_kwargs
 
     def prepare_inputs_for_generation(
         self,
