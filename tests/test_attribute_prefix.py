@@ -76,20 +76,28 @@ def test_train_save_and_load_with_plain_peft(make, tmp_path):
     assert "(positive, negative)" in card.text and "Prefix length 4." in card.text
     assert 'AttributePrefixModel.from_pretrained(base, "air-decoding-prefixes-positive-negative")' in card.text
     assert 'AirDecodingLogitsProcessor(attr, target="positive"' in card.text
+    # the conditioning trained with ("[eos] + text") is recorded, and AttributePrefixModel applies it itself
+    start = tiny_tokenizer().eos_token_id
+    assert index["start_token_id"] == start and index["start_text"] == tiny_tokenizer().eos_token
     ids = torch.tensor([tiny_tokenizer()("the movie was great")["input_ids"]])
+    with_start = torch.cat([torch.tensor([[start]]), ids], 1)
     am = AttributePrefixModel.from_pretrained(base, ckpt)
-    assert am.attributes == ["positive", "negative"]
+    assert am.attributes == ["positive", "negative"] and am.prefix_length == 5
     ours = am(ids).logits
     for k, attr in enumerate(["positive", "negative"]):
         assert sorted(os.listdir(ckpt / attr)) == ["adapter_config.json", "adapter_model.safetensors"]
         pm = PeftModel.from_pretrained(base, str(ckpt / attr))  # plain PEFT, nothing of ours
         with torch.no_grad():
-            ref = pm(input_ids=ids, use_cache=False).logits
-        torch.testing.assert_close(ours[k, 0], ref[0], atol=1e-5, rtol=1e-5)
-    # trained prefix logits equal the training module's own forward
+            ref = pm(input_ids=with_start, use_cache=False).logits
+        torch.testing.assert_close(ours[k, 0], ref[0, 1:], atol=1e-5, rtol=1e-5)
+    # a prompt that already starts with the start token is not given a second one
+    first, _ = am.begin(ids)
+    again, _ = am.begin(with_start)
+    torch.testing.assert_close(again, first, atol=1e-5, rtol=1e-5)
+    # trained prefix logits equal the training module's own forward on what it trained with
     with torch.no_grad():
-        train_out = trainer.model(input_ids=ids, attribute_ids=torch.tensor([1])).logits
-    torch.testing.assert_close(ours[1, 0], train_out[0], atol=1e-5, rtol=1e-5)
+        train_out = trainer.model(input_ids=with_start, attribute_ids=torch.tensor([1])).logits
+    torch.testing.assert_close(ours[1, 0], train_out[0, 1:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
@@ -531,3 +539,35 @@ def test_kill_during_prefix_save_leaves_old_or_new_never_a_mix(tmp_path):
             assert on_disk == ckpt.attributes, "a folder of another version is left beside the index"
             seen.add(version)
     assert seen, "no save finished before any kill"
+
+
+def test_sequence_log_likelihood_matches_peft_and_the_gate_uses_it(tmp_path):
+    """log p_k(text) sums PEFT's own per-token log-probs (start token included); the gate takes the argmax."""
+    from hf_collapse.evals.prefix_gate import prefix_gate
+
+    base, tok = tiny_gpt2(), tiny_tokenizer()
+    cfg, flats = _random_prefixes(base, ["positive", "negative"])
+    ckpt = ap.write_attribute_prefixes(tmp_path / "ckpt", ["positive", "negative"], flats, cfg,
+                                       extra_index={"start_token_id": tok.eos_token_id})  # fmt: skip
+    am = AttributePrefixModel.from_pretrained(base, ckpt)
+    texts = ["the movie was great", "i hated this"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    batch = torch.tensor([[0] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    scores = am.sequence_log_likelihood(batch, mask)
+    for k, attr in enumerate(am.attributes):
+        pm = PeftModel.from_pretrained(base, str(ckpt / attr))
+        for r, x in enumerate(ids):
+            full = torch.tensor([[tok.eos_token_id, *x]])
+            with torch.no_grad():
+                lp = torch.log_softmax(pm(input_ids=full, use_cache=False).logits[0].double(), -1)
+            expected = sum(float(lp[i, full[0, i + 1]]) for i in range(len(x)))
+            assert abs(float(scores[k, r]) - expected) < 1e-3, (attr, r)
+    labels = [am.attributes[int(i)] for i in scores.argmax(0)]
+    gate = prefix_gate(am, tok, texts, labels)
+    assert gate["accuracy"] == 1.0 and gate["predictions"] == labels
+    flipped = prefix_gate(am, tok, texts, [("negative" if y == "positive" else "positive") for y in labels])
+    assert flipped["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="not attributes"):
+        prefix_gate(am, tok, texts, ["happy", "sad"])

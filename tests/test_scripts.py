@@ -113,8 +113,9 @@ def test_train_prefixes_then_generate(tmp_path, capsys):
     rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
                "negative", "--output_dir", str(out), "--num_virtual_tokens", "4", "--max_steps", "2",
                "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--save_strategy", "no",
-               "--use_cpu"])  # fmt: skip
+               "--use_cpu", "--gate_data", str(data), "--gate_min", "0"])  # fmt: skip
     assert rc == 0 and (out / "attribute_prefixes.json").is_file()
+    assert "prefix gate on 24 held-out texts: accuracy" in capsys.readouterr().out
     rc = main(["generate", "--model", str(model_dir), "--prefixes", str(out), "--attribute", "positive", "--strength",
                "140", "--num_samples", "2", "--max_new_tokens", "4", "the movie"])  # fmt: skip
     assert rc == 0

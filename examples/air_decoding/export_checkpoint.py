@@ -6,7 +6,7 @@
 Reads the attribute prefixes written by `run_experiment.py train` (in $HF_COLLAPSE_CACHE/experiment/prefixes_<task>)
 and writes them again with `hf_collapse.modeling.attribute_prefixes.write_attribute_prefixes`: the Hub base model is
 named in `attribute_prefixes.json` and in every `adapter_config.json`, the prompt prefix the prefixes were trained with
-is recorded (`start_text`), the model card carries the experiment's table from docs/air_decoding.md, and the Trainer's
+is recorded (`start_text`, `start_token_id`: `AttributePrefixModel` applies it itself), the model card carries the experiment's table from docs/air_decoding.md, and the Trainer's
 pickled `training_args.bin` is left behind (bundled checkpoints hold safetensors and JSON only).
 """
 
@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CACHE = Path(os.environ.get("HF_COLLAPSE_CACHE", Path.home() / ".cache" / "hf_collapse"))
 START = "<|endoftext|>"
+START_ID = 0  # SmolLM2's <|endoftext|>
 
 
 def experiment_table(task: str) -> str:
@@ -70,8 +71,9 @@ def main() -> None:
         attributes=", ".join(attributes),
         example_target=attributes[0],
         model_description=(
-            f"Prefix length {index['num_virtual_tokens']}; every training text started with `{START}`, so prepend it "
-            "to prompts (`attribute_prefixes.json` records it as `start_text`). Short training (60 steps), "
+            f"Prefix length {index['num_virtual_tokens']}; every training text started with `{START}`, which "
+            "`AttributePrefixModel` puts before every prompt itself (`attribute_prefixes.json` records it as "
+            "`start_token_id`). Short training (60 steps), "
             "see the results below."
         ),
         results_table=experiment_table(a.task),
@@ -86,7 +88,7 @@ def main() -> None:
         peft_config,
         base_model=base_model,
         model_card=card,
-        extra_index={"start_text": START},
+        extra_index={"start_text": START, "start_token_id": START_ID},
     )
     print("saved", out, sorted(p.name for p in out.iterdir()))
 

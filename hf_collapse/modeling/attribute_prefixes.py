@@ -57,6 +57,8 @@ __all__ = [
     "CHECKPOINT_INDEX",
     "MODEL_CARD",
     "PROMPT_EMBEDDINGS",
+    "START_TEXT",
+    "START_TOKEN_ID",
     "AttributePrefixCheckpoint",
     "AttributePrefixLM",
     "check_prefix_shape",
@@ -82,6 +84,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROMPT_EMBEDDINGS = "prompt_embeddings"
 MODEL_CARD = "README.md"
+# the conditioning the prefixes were trained with: every text started with this token ("[eos] + text" officially)
+START_TEXT = "start_text"
+START_TOKEN_ID = "start_token_id"
 
 # keys of the index the writer owns; callers add their own facts (e.g. ``start_text``) beside them
 _INDEX_KEYS = ("format", "attributes", "base_model", "num_virtual_tokens", "hf_collapse_version")
@@ -305,14 +310,17 @@ class AttributePrefixLM(nn.Module):
 
 
 def save_attribute_prefixes(
-    prefix_lm: AttributePrefixLM, output_dir: str | os.PathLike, model_card: ModelCard | None = None
+    prefix_lm: AttributePrefixLM,
+    output_dir: str | os.PathLike,
+    model_card: ModelCard | None = None,
+    extra_index: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``prefix_lm``'s prefixes as an attribute-prefix checkpoint (see :func:`write_attribute_prefixes`)."""
     with torch.no_grad():
         # PEFT saves float32; the base model's dtype may be lower
         flats = [prefix_lm.flat_prefix(i).detach().float().cpu() for i in range(len(prefix_lm.attributes))]
     return write_attribute_prefixes(
-        output_dir, prefix_lm.attributes, flats, prefix_lm.peft_config, model_card=model_card
+        output_dir, prefix_lm.attributes, flats, prefix_lm.peft_config, model_card=model_card, extra_index=extra_index
     )
 
 
@@ -504,6 +512,9 @@ def read_attribute_prefixes(checkpoint_dir: str | os.PathLike) -> AttributePrefi
             )
         prefixes[attr] = flat
     assert shape is not None  # validate_attribute_names rejected an empty list
+    start_id = index.get(START_TOKEN_ID)
+    if start_id is not None and (isinstance(start_id, bool) or not isinstance(start_id, int) or start_id < 0):
+        raise ValueError(f"{index_path}: {START_TOKEN_ID} must be a token id (int >= 0), got {start_id!r}")
     if index.get("num_virtual_tokens", shape.num_virtual_tokens) != shape.num_virtual_tokens:
         raise ValueError(
             f"{index_path}: num_virtual_tokens {index['num_virtual_tokens']} but the adapters have "

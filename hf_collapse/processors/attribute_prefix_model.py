@@ -30,6 +30,8 @@ from ..modeling.attribute_prefixes import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_INDEX,
+    START_TEXT,
+    START_TOKEN_ID,
     PrefixShape,
     check_prefix_shape,
     flat_prefix_to_layers,
@@ -90,9 +92,19 @@ class AttributePrefixModel(nn.Module):
         base_model: the causal LM the prefixes were trained on.
         prefixes: attribute name -> PEFT's saved ``prompt_embeddings`` tensor ``(P, num_layers * 2 * token_dim)``.
         shape: the prefix geometry (from the adapters' ``adapter_config.json``).
+        start_token_id: the token every training text started with (``AttributePrefixTrainer`` records it in the
+            checkpoint; the official recipe trains on ``[eos] + text``). The model puts it between each prefix and
+            every prompt itself, so prompts are conditioned the way training saw them whatever the caller passes;
+            a prompt that already starts with it is not given a second one.
     """
 
-    def __init__(self, base_model: PreTrainedModel, prefixes: Mapping[str, torch.Tensor], shape: PrefixShape):
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        prefixes: Mapping[str, torch.Tensor],
+        shape: PrefixShape,
+        start_token_id: int | None = None,
+    ):
         super().__init__()
         validate_attribute_names(list(prefixes))
         check_prefix_shape(shape, base_model)
@@ -104,25 +116,54 @@ class AttributePrefixModel(nn.Module):
         dtype = next(base_model.parameters()).dtype
         flat = torch.stack([prefixes[a].to(device=device, dtype=dtype) for a in self.attributes])
         # per layer: key/value (K, H, P, hd), kept as buffers so .to(device) moves them
-        for i, (k, v) in enumerate(flat_prefix_to_layers(flat, shape)):
+        layers = flat_prefix_to_layers(flat, shape)
+        self.start_token_id = start_token_id
+        if start_token_id is not None:
+            layers = self._append_start_token(layers, start_token_id)
+        # per layer: key/value (K, H, L, hd) with L = P (+1 with a start token), kept as buffers so .to() moves them
+        for i, (k, v) in enumerate(layers):
             self.register_buffer(f"prefix_k_{i}", k.contiguous(), persistent=False)
             self.register_buffer(f"prefix_v_{i}", v.contiguous(), persistent=False)
-        self._state: dict | None = None
+        self._state: PrefixDecodingState | None = None
+
+    @torch.no_grad()
+    def _append_start_token(self, layers, start_token_id: int):
+        """The prefix key/values followed by the start token's, computed once under each prefix (at position P)."""
+        if not 0 <= start_token_id < self.base_model.get_input_embeddings().weight.shape[0]:
+            raise ValueError(f"start_token_id {start_token_id} is outside the base model's vocabulary")
+        k = layers[0][0].shape[0]
+        device = layers[0][0].device
+        ids = torch.full((k, 1), start_token_id, dtype=torch.long, device=device)
+        out = prefixed_forward(self.base_model, ids, self.shape.num_virtual_tokens,
+                               cache=prefix_cache(layers, self.base_model.config), use_cache=True)  # fmt: skip
+        # the start token's own prediction is the first real token's probability (see sequence_log_likelihood)
+        self.register_buffer("start_logits", out.logits[:, -1].float(), persistent=False)  # (K, V)
+        return [(layer.keys, layer.values) for layer in out.cache.layers][: self.shape.num_layers]
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, base_model: PreTrainedModel | str, checkpoint_dir: str | Path, **model_kwargs
+        cls, base_model: PreTrainedModel | str, checkpoint_dir: str | Path, tokenizer=None, **model_kwargs
     ) -> AttributePrefixModel:
         """Load an attribute-prefix checkpoint (``AttributePrefixTrainer.save_model``, ``write_attribute_prefixes``).
 
         ``base_model`` is a loaded causal LM, or a name/path passed to ``AutoModelForCausalLM.from_pretrained``.
+        The start token the prefixes were trained with is applied from the checkpoint's index; ``tokenizer`` is
+        only needed for checkpoints that record it as text alone.
         """
         # read (and validate) the checkpoint before the possibly slow base model load
         ckpt = read_attribute_prefixes(checkpoint_dir)
+        start_id = ckpt.index.get(START_TOKEN_ID)
+        if start_id is None and ckpt.index.get(START_TEXT) is not None:
+            if tokenizer is None:
+                raise ValueError(
+                    f"{checkpoint_dir} records its start token as text ({ckpt.index[START_TEXT]!r}) but not its id; "
+                    "pass tokenizer=... so it can be looked up"
+                )
+            start_id = tokenizer.convert_tokens_to_ids(ckpt.index[START_TEXT])
         if isinstance(base_model, str):
             base_model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
-        return cls(base_model, ckpt.prefixes, ckpt.shape)
+        return cls(base_model, ckpt.prefixes, ckpt.shape, start_token_id=start_id)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -134,6 +175,11 @@ class AttributePrefixModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         """P, the prefix length."""
         return self.shape.num_virtual_tokens
+
+    @property
+    def prefix_length(self) -> int:
+        """Cached positions before the prompt: P, plus one for the start token when the checkpoint has one."""
+        return self.prefix_k_0.shape[2]
 
     @property
     def vocab_size(self) -> int:
@@ -183,13 +229,41 @@ class AttributePrefixModel(nn.Module):
         out = prefixed_forward(
             self.base_model,
             input_ids.to(self.device).repeat(k, 1),  # (K*B, T)
-            self.num_virtual_tokens,
+            self.prefix_length,
             cache=cache,
             attention_mask=None if attention_mask is None else attention_mask.to(self.device).repeat(k, 1),
             position_ids=None if position_ids is None else position_ids.to(self.device).repeat(k, 1),
             use_cache=True,
         )
         return AttributePrefixOutput(logits=out.logits.view(k, b, t, -1), cache=out.cache)
+
+    @torch.no_grad()
+    def sequence_log_likelihood(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``log p_k(text)`` under each attribute's prefix: ``(K, B)`` sums over each row's real tokens.
+
+        With a start token (the training conditioning) every real token is scored, the first one from the start
+        token's prediction; without one the first token has no context and is left out. The argmax over K is the
+        classifier the prefixes imply (the quality gate of ``hf_collapse.evals.prefix_gate``).
+        """
+        b, t = input_ids.shape
+        input_ids = input_ids.to(self.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
+        logits = self.forward(input_ids, mask).logits  # (K, B, T, V)
+        k = self.num_attributes
+        # position t predicts token t + 1; both must be real tokens
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :, :-1].reshape(-1, logits.shape[-1]).float(),
+            input_ids[:, 1:].repeat(k, 1).reshape(-1),
+            reduction="none",
+        ).view(k, b, t - 1)
+        valid = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)  # (B, T-1)
+        score = -(nll * valid).sum(-1)  # (K, B)
+        if self.start_token_id is not None:
+            first = input_ids.gather(1, mask.argmax(-1, keepdim=True))[:, 0]  # (B,) each row's first real token
+            score = score + torch.log_softmax(self.start_logits, -1)[:, first]
+        return score
 
     # ------------------------------------------------------------------ decoding with caller-owned state
     @torch.no_grad()
@@ -204,8 +278,14 @@ class AttributePrefixModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.long, device=self.device)
         attention_mask = attention_mask.to(self.device).long()
+        if self.start_token_id is not None:
+            # the start token is already in the prefix cache: hide a prompt's own copy rather than read it twice
+            first = attention_mask.argmax(-1)  # (B,) column of each row's first real token
+            own = input_ids.to(self.device).gather(1, first[:, None])[:, 0] == self.start_token_id
+            attention_mask = attention_mask.clone()
+            attention_mask[own, first[own]] = 0
         out = self.forward(input_ids, attention_mask)
-        next_pos = prefixed_positions(attention_mask, self.num_virtual_tokens)[:, -1] + 1
+        next_pos = prefixed_positions(attention_mask, self.prefix_length)[:, -1] + 1
         return out.logits[:, :, -1], PrefixDecodingState(out.cache, attention_mask, next_pos)
 
     @torch.no_grad()

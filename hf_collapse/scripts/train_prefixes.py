@@ -9,10 +9,12 @@ Options are `TrainPrefixesScriptArguments` (the base model and the data file) an
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..validation import check_number
 from .utils import CommandError, parse_args
 
 __all__ = ["TrainPrefixesScriptArguments", "main"]
@@ -24,10 +26,20 @@ class TrainPrefixesScriptArguments:
 
     model: str = field(metadata={"help": "Base causal LM (name or path); it stays frozen."})
     data: str = field(metadata={"help": "JSON-lines file with one text and one attribute per line."})
+    gate_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out JSON-lines file (same columns): after training, report the accuracy of the "
+                  "classifier the prefixes imply (argmax over attributes of the text's likelihood) and fail below "
+                  "--gate_min."},
+    )  # fmt: skip
+    gate_min: float = field(default=0.8, metadata={"help": "Least gate accuracy; below it the command exits with 3."})
 
     def __post_init__(self) -> None:
-        if not Path(self.data).is_file():
-            raise CommandError(f"--data {self.data!r} is not a file")
+        for name in ("data", "gate_data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise CommandError(f"--{name} {path!r} is not a file")
+        check_number("--", "gate_min", self.gate_min, minimum=0.0, maximum=1.0)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -46,4 +58,18 @@ def main(argv: Sequence[str]) -> int:
     trainer.train()
     trainer.save_model(config.output_dir)
     print(f"saved attribute prefixes {config.attributes} to {config.output_dir}")
+    if script_args.gate_data is None:
+        return 0
+    from ..evals.prefix_gate import prefix_gate
+    from ..processors.attribute_prefix_model import AttributePrefixModel
+
+    held_out = load_dataset("json", data_files=script_args.gate_data, split="train")
+    attr = AttributePrefixModel.from_pretrained(model, config.output_dir, tokenizer=tok)
+    gate = prefix_gate(attr, tok, held_out[config.text_column], held_out[config.attribute_column],
+                       max_length=config.max_length)  # fmt: skip
+    per = ", ".join(f"{a} {v:.3f}" for a, v in gate["per_attribute"].items())
+    print(f"prefix gate on {gate['n']} held-out texts: accuracy {gate['accuracy']:.4f} ({per})")
+    if gate["accuracy"] < script_args.gate_min:
+        print(f"prefix gate FAILED: {gate['accuracy']:.4f} < --gate_min {script_args.gate_min}", file=sys.stderr)
+        return 3
     return 0

@@ -22,6 +22,8 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from ..model_cards import make_model_card
 from ..modeling.attribute_prefixes import (
+    START_TEXT,
+    START_TOKEN_ID,
     AttributePrefixLM,
     layers_to_flat_prefix,
     peft_prefix_config,
@@ -272,7 +274,10 @@ class AttributePrefixTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         prefix_lm: AttributePrefixLM = self.accelerator.unwrap_model(self.model)
-        save_attribute_prefixes(prefix_lm, output_dir, model_card=self._model_card(prefix_lm))
+        # the conditioning is recorded so that AttributePrefixModel applies it itself at generation time
+        start_id = self._start_token_id(self.processing_class, self.args)
+        conditioning = {START_TEXT: self.processing_class.convert_ids_to_tokens(start_id), START_TOKEN_ID: start_id}
+        save_attribute_prefixes(prefix_lm, output_dir, model_card=self._model_card(prefix_lm), extra_index=conditioning)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _model_card(self, prefix_lm: AttributePrefixLM) -> ModelCard:
