@@ -5,7 +5,7 @@ Uses data from ``../shared/data`` (the sibling ``shared`` checkout next to this 
 
     python examples/air_decoding/prepare_smollm2.py
     python examples/air_decoding/run_experiment.py train    --task sentiment   # prefixes on Rotten Tomatoes
-    python examples/air_decoding/run_experiment.py judge    --task sentiment   # classifier on SST-2 (disjoint)
+    python examples/air_decoding/run_experiment.py judge    --task sentiment   # classifier on SST-2 (shares sentences with RT!)
     python examples/air_decoding/run_experiment.py generate --task sentiment   # lambda x method grid
     python examples/air_decoding/run_experiment.py report   --task sentiment   # table + plot
 
@@ -63,7 +63,8 @@ def prefix_training_texts(task: str, data: Path, per_attribute: int) -> tuple[li
 
 
 def judge_data(task: str, data: Path):
-    """(train, test) lists of (text, label) disjoint from the prefix training data."""
+    """(train, test) lists of (text, label). Sentiment: NOT disjoint from the rt-polarity prefix data (SST reuses its
+    snippets; see docs/air_decoding.md). Topic: AG News dev/test, checked disjoint from the agnews_5k prefix texts."""
 
     def tsv(path, header):
         with open(path, encoding="utf-8") as f:

@@ -1,7 +1,8 @@
 """A small, inspectable attribute judge: logistic regression on hashed unigram + bigram features.
 
 Used by `hf-collapse demo` to label generations. Stored as `model.safetensors` + `judge_config.json` (never a
-pickle). Train it on data disjoint from the prefix-training data so it is an independent judge.
+pickle). Train it on data disjoint from the prefix-training data (check it: SST and Rotten Tomatoes share
+sentences) so it is an independent judge.
 """
 
 from __future__ import annotations
