@@ -670,3 +670,28 @@ def test_public_api_and_auto_registration():
     assert "robust_mamba2" in hf_collapse.register()
     model = AutoModelForCausalLM.from_config(RobustMamba2Config(**TINY))
     assert isinstance(model, RobustMamba2ForCausalLM) and model.can_generate()
+
+
+@pytest.mark.parametrize("mitigation", [{}, {"sliding_window": 8}, {"state_norm_max": 5.0, "state_norm_every": 4}])
+def test_bf16_model_keeps_its_recurrent_state_in_fp32_and_matches_fp32(mitigation):
+    """A bf16 model's SSM state stays float32 in prefill and decode, and its logits match fp32 to bf16 tolerance."""
+    import copy
+
+    from hf_collapse import RobustMamba2Cache
+
+    torch.manual_seed(0)
+    cfg = RobustMamba2Config(num_heads=4, head_dim=8, hidden_size=16, state_size=8, n_groups=1, expand=2,
+                             num_hidden_layers=2, vocab_size=64, chunk_size=8, **mitigation)  # fmt: skip
+    fp32 = RobustMamba2ForCausalLM(cfg).eval()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 30))
+    c32, c16 = RobustMamba2Cache(config=fp32.config), RobustMamba2Cache(config=bf16.config)
+    with torch.no_grad():
+        steps = [(0, 20)] + [(t, t + 1) for t in range(20, 30)]  # prefill, then token by token
+        for a, b in steps:
+            ref = fp32(ids[:, a:b], cache=c32, use_cache=True).logits
+            got = bf16(ids[:, a:b], cache=c16, use_cache=True).logits
+            assert got.dtype == torch.float32  # logits are upcast, as transformers' Mamba2
+            torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
+            for layer in c16.layers:
+                assert layer.recurrent_states[0].dtype == torch.float32
