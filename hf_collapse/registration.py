@@ -30,13 +30,18 @@ REGISTRY: tuple[_Entry, ...] = (
         "RobustMamba2Config",
         (("AutoModel", "RobustMamba2Model"), ("AutoModelForCausalLM", "RobustMamba2ForCausalLM")),
     ),
+    _Entry(
+        "hf_collapse.modeling.air_decoding",
+        "AirDecodingConfig",
+        (("AutoModelForCausalLM", "AirDecodingForCausalLM"),),
+    ),
 )
 
 
 def register() -> list[str]:
     """Register every hf-collapse config and model with `AutoConfig` and the `AutoModel*` classes.
 
-    transformers' Auto mappings hold classes, not names, so this imports the two modeling packages. Safe to call
+    transformers' Auto mappings hold classes, not names, so this imports the modeling packages. Safe to call
     any number of times (`exist_ok=True`); `import hf_collapse` calls it once.
 
     Returns:

@@ -143,3 +143,85 @@ def make_checkpoint(base, path, attributes=("positive", "negative"), num_virtual
     cfg = peft_prefix_config(base, num_virtual_tokens, encoder_hidden_size=16)
     save_attribute_prefixes(AttributePrefixLM(base, list(attributes), cfg), path)
     return path
+
+
+def make_start_token_checkpoint(base, path, start_token_id: int = 0, num_virtual_tokens: int = 4, seed: int = 1):
+    """Like :func:`make_checkpoint`, with the start token the trainer records (``[eos] + text`` conditioning)."""
+    from hf_collapse.modeling.attribute_prefixes import AttributePrefixLM, peft_prefix_config, save_attribute_prefixes
+
+    torch.manual_seed(seed)
+    cfg = peft_prefix_config(base, num_virtual_tokens, encoder_hidden_size=16)
+    lm = AttributePrefixLM(base, ["positive", "negative"], cfg)
+    save_attribute_prefixes(lm, path, extra_index={"start_token_id": start_token_id})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate() helpers shared by the processor-path and fused-path tests
+def generate_steered(model, processors, prompt: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int = 5, **kw):
+    """``model.generate`` with the given logits processors, returning scores, raw logits and sequences."""
+    from transformers import LogitsProcessorList
+
+    procs = processors if isinstance(processors, (list, tuple)) else [processors]
+    return model.generate(
+        input_ids=prompt,
+        attention_mask=mask,
+        logits_processor=LogitsProcessorList(procs),
+        max_new_tokens=max_new_tokens,
+        output_scores=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=1,
+        eos_token_id=None,
+        **kw,
+    )
+
+
+def assert_same_steered_output(ours, theirs, atol: float = 1e-4, rtol: float = 1e-5) -> float:
+    """Same sequences; processed scores (as log-distributions) and raw logits equal to tolerance. Returns the largest
+    score difference seen (finite entries)."""
+    assert torch.equal(ours.sequences, theirs.sequences), (ours.sequences, theirs.sequences)
+    assert len(ours.scores) == len(theirs.scores)
+    worst = 0.0
+    for a, b in zip(ours.scores, theirs.scores):
+        la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+        torch.testing.assert_close(la, lb, atol=atol, rtol=rtol)
+        finite = torch.isfinite(la) & torch.isfinite(lb)
+        worst = max(worst, (la - lb)[finite].abs().max().item())
+    for a, b in zip(ours.logits, theirs.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    return worst
+
+
+def assert_scores_match_reference(
+    out, prompt, prompt_mask, base, ckpt, attributes, target, strength, method="air", normalize=False, n_ret=1
+) -> None:
+    """Recompute every processed step of every returned row of a non-beam ``generate()`` with the slow float64
+    reference (PEFT's own forward for the attribute logits, no cache)."""
+    t0 = prompt.shape[1]
+    seqs = out.sequences
+    prompt_mask = prompt_mask.repeat_interleave(n_ret, 0)
+    for r in range(seqs.shape[0]):
+        real = seqs[r, :t0][prompt_mask[r].bool()]
+        gen = seqs[r, t0:].tolist()
+        per_attr = [
+            manual_prefixed_logits(base, str(ckpt / a), torch.cat([real, seqs[r, t0:]])[None])[0] for a in attributes
+        ]
+        attr_steps = [torch.stack([pa[len(real) - 1 + s] for pa in per_attr]) for s in range(len(gen))]
+        for s in range(len(gen)):
+            ref = reference_processed_scores(
+                out.logits[s][r], attr_steps[: s + 1], gen[:s], target, strength, method, normalize
+            )
+            ours = torch.log_softmax(out.scores[s][r].double(), -1)
+            ok = ref > -600  # beyond that the reference's P^λ itself underflows in float64
+            torch.testing.assert_close(ours[ok], ref[ok], atol=2e-3, rtol=1e-4)
+
+
+def reference_history(base, ckpt, attributes, seq: torch.Tensor, t0: int) -> torch.Tensor:
+    """The Air-Decoding history ``(K,)`` (sum of log w at the generated tokens) of one unpadded sequence."""
+    per_attr = [manual_prefixed_logits(base, str(ckpt / a), seq[None])[0] for a in attributes]
+    hist = torch.zeros(len(attributes), dtype=torch.float64)
+    for s, tok in enumerate(seq[t0:].tolist()):
+        lp = torch.stack([torch.log_softmax(pa[t0 - 1 + s].double(), -1) for pa in per_attr])
+        hist += -torch.log(-lp[:, tok])
+    return hist

@@ -15,10 +15,19 @@ code underflows at large λ and divides by ``log p = 0``; this form has neither 
 ``WeightedDecodingLogitsProcessor`` is the same with log p_i instead of log w_i: the baseline that shows attribute
 collapse.
 
-The processor runs its attribute model itself and holds its own decoding state (the prefix cache, mask and positions:
-a ``LogitsProcessor`` sees neither the attention mask nor the model outputs), like transformers'
-``UnbatchedClassifierFreeGuidanceLogitsProcessor``. The state lives in the processor, not in the attribute model, so
-several processors can share one ``AttributePrefixModel`` in one ``generate()`` call.
+Two ways to get the attribute logits, one formula (``log_posterior``, the history bookkeeping and the beam-reorder
+detection are shared):
+
+* **processor path**: ``attribute_model`` is an ``AttributePrefixModel``. The processor runs it itself (a second
+  forward of K·B rows per step) and holds its own decoding state (the prefix cache, mask and positions: a
+  ``LogitsProcessor`` sees neither the attention mask nor the model outputs), like transformers'
+  ``UnbatchedClassifierFreeGuidanceLogitsProcessor``. The state lives in the processor, not in the attribute model,
+  so several processors can share one ``AttributePrefixModel`` in one ``generate()`` call. Works with any generating
+  model of the same vocabulary (e.g. a larger generator guided by a smaller attribute model).
+* **fused path**: ``attribute_model`` is the ``AirDecodingForCausalLM`` that ``generate()`` runs. Its forward has
+  already run the prefixes in the same forward as the generator (one forward of (K+1)·B rows per step); the processor
+  only reads the attribute logits it kept for this step. It needs no prompt mask: the fused model sees generate()'s
+  attention mask.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import math
 import torch
 from transformers import LogitsProcessor
 
+from ..modeling.air_decoding import AirDecodingForCausalLM
 from .attribute_prefix_model import AttributePrefixModel
 
 # -log p is clamped into [_NLP_MIN, _NLP_MAX] so log w stays finite (about ±690.8) at p == 1 and p == 0
@@ -44,13 +54,15 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
     """Steer ``generate()`` toward ``target`` with Air-Decoding.
 
     Args:
-        attribute_model: an ``AttributePrefixModel`` (its vocabulary must match the generating model's).
+        attribute_model: an ``AttributePrefixModel`` (processor path: its vocabulary must match the generating
+            model's), or the ``AirDecodingForCausalLM`` whose ``generate()`` this processor is passed to (fused path:
+            no second forward).
         target: the attribute to steer toward; one of ``attribute_model.attributes``.
         strength: λ in [0, 1e6] (official: 140 sentiment, 60 topic, 120 detox). Beyond 1e6 the control term no
             longer fits the float32 scores ``generate()`` works in, so larger values are refused.
         prompt_attention_mask: the prompt's attention mask ``(batch, prompt_len)``; required for a left-padded
             batch. Its rows are repeated for ``num_return_sequences`` / ``num_beams`` when the batch is an exact
-            multiple made of copies of the same prompts (checked against the input ids).
+            multiple made of copies of the same prompts (checked against the input ids). Not used by the fused path.
         normalize: normalise each reconstructed w_i over the vocabulary first (the paper's text). Default False
             is the official code's formula.
         pad_token_id: the pad token, to detect a left-padded batch given without ``prompt_attention_mask``
@@ -67,15 +79,16 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
 
     def __init__(
         self,
-        attribute_model: AttributePrefixModel,
+        attribute_model: AttributePrefixModel | AirDecodingForCausalLM,
         target: str,
         strength: float,
         prompt_attention_mask: torch.Tensor | None = None,
         normalize: bool = False,
         pad_token_id: int | None = None,
     ):
-        if not hasattr(attribute_model, "attributes") or not hasattr(attribute_model, "begin"):
-            raise TypeError("attribute_model must be an AttributePrefixModel")
+        self.fused = isinstance(attribute_model, AirDecodingForCausalLM)
+        if not self.fused and (not hasattr(attribute_model, "attributes") or not hasattr(attribute_model, "begin")):
+            raise TypeError("attribute_model must be an AttributePrefixModel or an AirDecodingForCausalLM")
         if target not in attribute_model.attributes:
             raise ValueError(f"unknown target attribute {target!r}; valid attributes: {attribute_model.attributes}")
         try:
@@ -104,7 +117,7 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
     def reset(self) -> None:
         """Forget the previous ``generate()`` call (the next call starts a new generation anyway)."""
         self._ids: torch.Tensor | None = None
-        self._state = None  # PrefixDecodingState of the attribute model's K·B rows
+        self._state = None  # processor path: PrefixDecodingState of the attribute model's K·B rows
         self._history: torch.Tensor | None = None  # (K, B) running sum of log w at generated tokens
         self._last_log_w: torch.Tensor | None = None  # (K, B, V) log w of the previous step
 
@@ -138,10 +151,18 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
         rows = self._continuation_rows(input_ids)
         if rows is None:  # the first step of a generate() call
             self.reset()
-            attr_logits, self._state = am.begin(input_ids, self._prompt_mask(input_ids))
+            if self.fused:
+                attr_logits = am.attribute_logits_for(input_ids)  # (K, B, V), from generate()'s own forward
+            else:
+                attr_logits, self._state = am.begin(input_ids, self._prompt_mask(input_ids))
             self._history = torch.zeros(am.num_attributes, b, dtype=torch.float64, device=am.device)
         else:
-            attr_logits = self._advance(input_ids, rows)
+            tok = self._follow_history(input_ids, rows)
+            if self.fused:
+                # generate() has already reordered the fused model's cache (AirDecodingCache.reorder_cache)
+                attr_logits = am.attribute_logits_for(input_ids)
+            else:
+                attr_logits = am.advance(self._state, tok)
         self._ids = input_ids.detach().clone()
         log_post, self._last_log_w = self.log_posterior(attr_logits, self._history)
         lm = torch.nan_to_num(scores.double(), nan=-math.inf, posinf=torch.finfo(torch.float64).max)
@@ -191,12 +212,15 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
                 )
         return mask.repeat_interleave(b // m, dim=0)
 
-    def _advance(self, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _follow_history(self, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Carry the history to this call's rows (``rows``: each row's parent) and add the weight of each row's
+        newest token; returns those tokens ``(B,)``. The processor path reorders its prefix state too."""
         prev = self._ids
         assert prev is not None and self._history is not None and self._last_log_w is not None
         if not torch.equal(rows, torch.arange(prev.shape[0], device=rows.device)):
             # beam search reordered rows: follow each row's parent
-            self.attribute_model.reorder_state(self._state, rows)
+            if not self.fused:
+                self.attribute_model.reorder_state(self._state, rows)
             dev = self._history.device
             self._history = self._history[:, rows.to(dev)]
             self._last_log_w = self._last_log_w[:, rows.to(dev)]
@@ -205,7 +229,7 @@ class AirDecodingLogitsProcessor(LogitsProcessor):
         self._history = self._history + self._last_log_w.gather(
             -1, tok.view(1, -1, 1).expand(self._history.shape[0], -1, 1)
         ).squeeze(-1)
-        return self.attribute_model.advance(self._state, tok)
+        return tok
 
 
 class WeightedDecodingLogitsProcessor(AirDecodingLogitsProcessor):

@@ -1,0 +1,46 @@
+"""Configuration of the fused Air-Decoding model: a pointer to a base causal LM and an attribute-prefix checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+__all__ = ["AirDecodingConfig"]
+
+
+class AirDecodingConfig(PretrainedConfig):
+    r"""
+    Configuration of [`AirDecodingForCausalLM`]: the base causal LM and the K attribute prefixes (one PEFT
+    prefix-tuning adapter per attribute) that the fused model runs together in one forward per decoding step.
+
+    It holds no weights and no architecture of its own: the saved folder is this `config.json` (and a short
+    `README.md`), and loading it loads the base model with `AutoModelForCausalLM.from_pretrained` and the prefixes
+    with `read_attribute_prefixes`.
+
+    Args:
+        base_model_name_or_path (`str`, *optional*):
+            The base causal LM: a Hub id or a local folder, as passed to `AutoModelForCausalLM.from_pretrained`. A
+            relative path is looked up in the saved folder first, then taken as it is.
+        prefixes (`str`, *optional*):
+            The attribute-prefix checkpoint folder (`attribute_prefixes.json` + one PEFT adapter per attribute).
+            `save_pretrained` stores it relative to the saved folder when it lies inside it (so the folder can be
+            moved as a whole), else as an absolute path. A relative path is resolved against the saved folder.
+        kwargs:
+            Passed to [`~transformers.PretrainedConfig`].
+
+    Example:
+
+    ```python
+    >>> from hf_collapse import AirDecodingConfig
+    >>> AirDecodingConfig(base_model_name_or_path="HuggingFaceTB/SmolLM2-135M", prefixes="prefixes").model_type
+    'air_decoding'
+    ```
+    """
+
+    model_type = "air_decoding"
+
+    def __init__(self, base_model_name_or_path: str | None = None, prefixes: str | None = None, **kwargs: Any):
+        self.base_model_name_or_path = None if base_model_name_or_path is None else str(base_model_name_or_path)
+        self.prefixes = None if prefixes is None else str(prefixes)
+        super().__init__(**kwargs)
