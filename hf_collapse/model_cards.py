@@ -24,6 +24,10 @@ CARD_KINDS: dict[str, dict[str, Any]] = {
         "pipeline_tag": "text-generation",
         "tags": ["air-decoding", "attribute-collapse", "prefix-tuning", "peft", "controllable-generation"],
     },
+    "air_decoding": {
+        "pipeline_tag": "text-generation",
+        "tags": ["air-decoding", "attribute-collapse", "controllable-generation"],
+    },
     "dual_head_classifier": {
         "pipeline_tag": "image-classification",
         "tags": ["dual-head-kd", "knowledge-distillation", "head-collapse"],
@@ -54,7 +58,8 @@ def make_model_card(
     """Build the model card of an hf-collapse checkpoint.
 
     Args:
-        kind: `"robust_mamba2"`, `"attribute_prefixes"` or `"dual_head_classifier"` (a template in `hub_cards/`).
+        kind: `"robust_mamba2"`, `"attribute_prefixes"`, `"air_decoding"` or `"dual_head_classifier"` (a template in
+            `hub_cards/`).
         model_id: name shown as the title (and used in the usage snippet unless `repo_id` is given in `facts`).
         base_model, datasets, metrics, license, language: YAML metadata.
         eval_results: `huggingface_hub.EvalResult`s or dicts of their fields; written as `model-index`.

@@ -407,22 +407,20 @@ class AirDecodingForCausalLM(PreTrainedModel, GenerationMixin):
         atomic_directory_write(target, write)
 
     def _default_card(self, config: AirDecodingConfig):
-        from huggingface_hub import ModelCard
+        from ...model_cards import make_model_card
 
-        attrs = ", ".join(self.attributes)
-        text = (
-            "---\nlibrary_name: hf-collapse\npipeline_tag: text-generation\n"
-            "tags: [hf-collapse, air-decoding, controllable-generation]\n---\n\n"
-            "# Fused Air-Decoding model\n\n"
-            f"Base model `{config.base_model_name_or_path}` with the attribute prefixes `{config.prefixes}` "
-            f"({attrs}; P = {self.shape.num_virtual_tokens}). This folder holds no weights: loading it loads both.\n\n"
-            "```python\nimport hf_collapse\nfrom transformers import AutoModelForCausalLM\n"
-            "from hf_collapse import AirDecodingLogitsProcessor\n\n"
-            "model = AutoModelForCausalLM.from_pretrained(path)\n"
-            f"proc = AirDecodingLogitsProcessor(model, target={self.attributes[0]!r}, strength=140.0)\n"
-            "out = model.generate(**inputs, logits_processor=[proc], do_sample=True, top_k=200)\n```\n"
+        base = config.base_model_name_or_path
+        hub_base = base if base and not os.path.isabs(base) and not os.path.isdir(base) else None
+        return make_model_card(
+            "air_decoding",
+            model_id=f"air-decoding-{'-'.join(self.attributes)}",
+            base_model=hub_base,
+            base_model_path=base,
+            prefixes=config.prefixes,
+            attributes=", ".join(self.attributes),
+            num_virtual_tokens=self.shape.num_virtual_tokens,
+            example_target=self.attributes[0],
         )
-        return ModelCard(text)
 
     # ------------------------------------------------------------------ properties
     @property
