@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--topic_per_class", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--tasks", nargs="+", default=["sentiment", "topic"], choices=["sentiment", "topic"])
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from hf_collapse.evals.prefix_gate import prefix_gate
@@ -57,21 +58,26 @@ def main() -> None:
     from hf_collapse.scripts.utils import bundled_checkpoint
 
     model, tok = load_smollm2()
-    results = {}
-    for task, (texts, labels) in {"sentiment": sst2_test(), "topic": agnews_test(a.topic_per_class, a.seed)}.items():
+    out_json = HERE / "prefix_gate.json"
+    saved = json.loads(out_json.read_text()) if out_json.is_file() else {"runs": {}}
+    results = saved.setdefault("runs", {})
+    data = {"sentiment": sst2_test, "topic": lambda: agnews_test(a.topic_per_class, a.seed)}
+    for task in a.tasks:
+        texts, labels = data[task]()
         attr = AttributePrefixModel.from_pretrained(model, bundled_checkpoint(f"smollm2-135m-{task}-prefixes"))
         t0 = time.perf_counter()
         gate = prefix_gate(attr, tok, texts, labels, batch_size=a.batch_size)
         gate.pop("predictions")
         gate["seconds"] = round(time.perf_counter() - t0, 1)
-        results[task] = gate
+        results[task] = {"args": vars(a), **gate}
         print(task, json.dumps(gate), flush=True)
-    (HERE / "prefix_gate.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2) + "\n")
+        out_json.write_text(json.dumps(saved, indent=2) + "\n")  # after every task: a stopped run keeps its results
     lines = ["| prefixes | held-out data | n | gate accuracy | per attribute (recall) |", "|---|---|---|---|---|"]
-    data = {"sentiment": "SST-2 test (GLUE dev)", "topic": f"AG News test, {a.topic_per_class}/class sample"}
+    names = {"sentiment": "SST-2 test (GLUE dev)", "topic": "AG News test, {}/class sample"}
     for task, r in results.items():
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_attribute"].items())
-        lines.append(f"| smollm2-135m-{task}-prefixes | {data[task]} | {r['n']} | {r['accuracy']:.4f} | {per} |")
+        where = names[task].format(r["args"]["topic_per_class"])
+        lines.append(f"| smollm2-135m-{task}-prefixes | {where} | {r['n']} | {r['accuracy']:.4f} | {per} |")
     (HERE / "prefix_gate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
