@@ -323,3 +323,10 @@ def test_foreign_cache_is_refused(gpt2_setup):
         fused(torch.tensor([[5, 6]]), cache=DynamicCache())
     with pytest.raises(TypeError, match="needs its own cache"):
         fused.generate(input_ids=torch.tensor([[5, 6]]), cache=DynamicCache(), max_new_tokens=2, pad_token_id=1)
+
+
+def test_config_typo_gets_a_suggestion():
+    from hf_collapse import AirDecodingConfig
+
+    with pytest.raises(TypeError, match="did you mean 'prefixes'"):
+        AirDecodingConfig(prefixs="x")

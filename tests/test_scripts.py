@@ -30,6 +30,8 @@ def test_every_command_has_a_main():
         (["passkey", "--model", "m", "--lengths", "abc"], "--lengths must be a comma-separated list of int"),
         (["passkey", "--model", "m", "--lengths", "-5"], "--lengths must be an integer >= 1"),
         (["passkey", "--model", "m", "--trials", "0"], "--trials must be an integer >= 1"),
+        (["passkey", "--model", "m", "--threads", "0"], "--threads must be an integer >= 1"),
+        (["passkey", "--model", "m", "--decay_scale", "nan"], "--decay_scale must be a finite number > 0"),
         (["position-loss", "--model", "m", "--synthetic", "newlines", "--bucket_size", "0"], "--bucket_size"),
         (["position-loss", "--model", "m", "--synthetic", "newlines", "--stats_every", "0"], "--stats_every"),
         (["position-loss", "--model", "m"], "exactly one of --text_file and --synthetic"),

@@ -30,6 +30,7 @@ class PasskeyScriptArguments(ModelArguments):
     output_dir: str = field(default="passkey_out", metadata={"help": "Where passkey.json and passkey.png go."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_number("--", "trials", self.trials, integer=True, minimum=1)
         check_number("--", "max_new_tokens", self.max_new_tokens, integer=True, minimum=1)
         for length in self.length_list():

@@ -35,6 +35,7 @@ class PositionLossScriptArguments(ModelArguments):
     output_dir: str = field(default="position_loss_out", metadata={"help": "Where the JSON and PNG files go."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.text_file is None) == (self.synthetic is None):
             raise CommandError("give exactly one of --text_file and --synthetic")
         if self.synthetic is not None and self.synthetic not in SYNTHETIC_INPUTS:

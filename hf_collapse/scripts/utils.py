@@ -91,6 +91,15 @@ class ModelArguments:
     state_norm_every: int | None = field(default=None, metadata={"help": "state_norm_every override (robust_mamba2)."})
     sliding_window: int | None = field(default=None, metadata={"help": "sliding_window override (robust_mamba2)."})
 
+    def __post_init__(self) -> None:
+        from ..validation import check_number
+
+        check_number("--", "threads", self.threads, integer=True, minimum=1, allow_none=True)
+        for name in ("insertion_scale", "decay_scale", "state_norm_max"):
+            check_number("--", name, getattr(self, name), minimum=0.0, exclusive_minimum=True, allow_none=True)
+        for name in ("state_norm_every", "sliding_window"):
+            check_number("--", name, getattr(self, name), integer=True, minimum=1, allow_none=True)
+
     def mitigation_overrides(self) -> dict[str, Any]:
         """The mitigation fields that were given; with any of them the model loads as `RobustMamba2ForCausalLM`."""
         names = ("insertion_scale", "decay_scale", "state_norm_max", "state_norm_every", "sliding_window")

@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ...validation import check_known_fields
+
 __all__ = ["AirDecodingConfig"]
 
 
@@ -41,6 +43,9 @@ class AirDecodingConfig(PretrainedConfig):
     model_type = "air_decoding"
 
     def __init__(self, base_model_name_or_path: str | None = None, prefixes: str | None = None, **kwargs: Any):
+        # a keyword close to one of this config's own fields is a typo; PretrainedConfig's own keys pass through
+        check_known_fields("AirDecodingConfig", [k for k in kwargs if not hasattr(PretrainedConfig, k)],
+                           ["base_model_name_or_path", "prefixes"])  # fmt: skip
         self.base_model_name_or_path = None if base_model_name_or_path is None else str(base_model_name_or_path)
         self.prefixes = None if prefixes is None else str(prefixes)
         super().__init__(**kwargs)
