@@ -134,9 +134,11 @@ def summarize(rows: list[dict], teacher_info: dict, out_md: Path, out_png: Path)
 
 
 def main() -> None:
+    from hf_collapse.scripts.fashion_mnist import FASHION_MNIST_DIR
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/dual_head_kd")
-    p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--data_dir", default=FASHION_MNIST_DIR)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--teacher_epochs", type=float, default=3.0)
