@@ -1,6 +1,6 @@
 """RobustMamba2 vs transformers' Mamba2ForCausalLM (same weights, same process): prefill, memory, decode.
 
-    python benchmarks/robust_mamba2.py [--threads 2] [--parts prefill,memory,latency,decode] [--repeats 5]
+    python benchmarks/robust_mamba2.py [--threads 2] [--parts prefill,memory,latency,decode,decode_step] [--repeats 5]
 
 Parts (issue 3, "Performance"):
 - prefill: forward over 4096 tokens (``use_cache=True, logits_to_keep=1``, i.e. a generation prefill), a tiny
@@ -13,6 +13,10 @@ Parts (issue 3, "Performance"):
   and ``sliding_window``.
 - decode: ``generate()`` tokens/s at batch 1 (130m-shaped, all 24 layers; 8-token prompt, 16 new tokens, prefill
   included) vs transformers, next to the memory-bandwidth limit (fp32 weight bytes / measured copy bandwidth).
+- decode_step: one cached greedy decode step at batch 1 (130m-shaped, 24 layers; what llama.cpp's ``tg`` measures), fp32
+  and bf16, ours vs transformers, next to the weight-read bound measured in the same process: the bytes a step
+  actually reads (all weights but the input embedding, of which one row) over a matrix-vector product's read
+  bandwidth (256 MiB matrix).
 
 Each timing is the median of ``--repeats`` interleaved runs (``_common.interleaved_median``); results are appended to
 ``benchmarks/results/robust_mamba2.jsonl``. In the printed ``ratio`` lines ours/baseline is a time ratio (lower is
@@ -239,11 +243,67 @@ def bench_decode(args):
     )
 
 
+def _gemv_bandwidth(threads: int, dtype: torch.dtype) -> float:
+    """Bytes of matrix read per second by a matrix-vector product over a 256 MiB matrix (the decode kernel)."""
+    rows = 2**28 // (4096 * torch.tensor([], dtype=dtype).element_size())
+    w = torch.empty(rows, 4096, dtype=dtype).normal_()
+    x = torch.empty(4096, dtype=dtype).normal_()
+    times = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        torch.mv(w, x)
+        times.append(time.perf_counter() - t0)
+    return w.numel() * w.element_size() / statistics.median(times)
+
+
+def _bytes_read_per_token(model) -> int:
+    """Weight bytes one decode step reads: everything but the input embedding, of which it reads one row."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
+    return total - (0 if tied else emb.numel() * emb.element_size()) + emb.shape[1] * emb.element_size()
+
+
+def bench_decode_step(args):
+    """One cached greedy decode step at batch 1 (the llama.cpp `tg` measurement), fp32 and bf16, ours vs transformers,
+    beside the weight-read bound measured in this process."""
+    hf32, ours32 = _pair(M130)
+    for dtype in (torch.float32, torch.bfloat16):
+        hf, ours = (hf32, ours32) if dtype == torch.float32 else (hf32.to(dtype), ours32.to(dtype))
+        prompt = torch.randint(0, M130["vocab_size"], (1, 8))
+
+        def stepper(model, prompt=prompt):
+            with torch.no_grad():
+                out = model(prompt, use_cache=True, logits_to_keep=1)
+            state = {"cache": out.cache, "tok": out.logits[:, -1:].argmax(-1)}
+
+            def run():
+                with torch.no_grad():
+                    for _ in range(args.decode_steps):
+                        o = model(state["tok"], cache=state["cache"], use_cache=True, logits_to_keep=1)
+                        state["tok"] = o.logits[:, -1:].argmax(-1)
+
+            return run
+
+        o, b = interleaved_median(stepper(ours), stepper(hf), repeats=args.repeats)
+        o, b = o / args.decode_steps, b / args.decode_steps
+        read = _bytes_read_per_token(ours)
+        bw = _gemv_bandwidth(args.threads, dtype)
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        report(SCRIPT, f"decode_step_130m_batch1_{name}", o, b, args.repeats, args.threads, ours_tok_s=1 / o,
+               transformers_tok_s=1 / b, bytes_read_mb=read / 1e6, gemv_gb_s=bw / 1e9, bound_tok_s=bw / read,
+               ours_over_bound=(1 / o) / (bw / read))  # fmt: skip
+        print(f"  {name}: ours {1 / o:.1f} tok/s, transformers {1 / b:.1f} tok/s ({b / o:.2f}x); weight-read bound "
+              f"{bw / read:.1f} tok/s ({read / 1e6:.0f} MB read per token at {bw / 1e9:.1f} GB/s gemv), ours at "
+              f"{(1 / o) / (bw / read):.2f} of it")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--parts", default="prefill,memory,latency,decode")
+    parser.add_argument("--parts", default="prefill,memory,latency,decode,decode_step")
+    parser.add_argument("--decode-steps", type=int, default=20, help="decode steps per timed repeat (decode_step)")
     parser.add_argument("--memory-limit-gb", type=float, default=12.0)
     parser.add_argument("--memory-child", nargs=2, metavar=("WHICH", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -254,7 +314,7 @@ def main() -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
     for name, fn in (("prefill", bench_prefill), ("memory", bench_memory), ("latency", bench_latency),
-                     ("decode", bench_decode)):  # fmt: skip
+                     ("decode", bench_decode), ("decode_step", bench_decode_step)):  # fmt: skip
         if name in parts:
             print(f"== {name}")
             fn(args)
