@@ -61,6 +61,8 @@ __all__ = [
     "START_TOKEN_ID",
     "AttributePrefixCheckpoint",
     "AttributePrefixLM",
+    "HeldPrefixesMixin",
+    "resolve_start_token_id",
     "check_prefix_shape",
     "expected_prefix_shape",
     "PrefixShape",
@@ -420,6 +422,98 @@ def _old_checkpoint_entries(target: Path) -> set[str]:
         # no (readable) index: only the index name itself is ours; never drop folders an index does not vouch for
         return {CHECKPOINT_INDEX}
     return {CHECKPOINT_INDEX, *attrs}
+
+
+# ---------------------------------------------------------------------------------------------- held prefixes
+def resolve_start_token_id(index: Mapping[str, Any], tokenizer: Any, checkpoint_dir: str | os.PathLike) -> int | None:
+    """The start token the prefixes were trained with, from a checkpoint's index (``None``: no conditioning)."""
+    start_id = index.get(START_TOKEN_ID)
+    if start_id is None and index.get(START_TEXT) is not None:
+        if tokenizer is None:
+            raise ValueError(
+                f"{checkpoint_dir} records its start token as text ({index[START_TEXT]!r}) but not its id; pass "
+                "tokenizer=... so it can be looked up"
+            )
+        start_id = tokenizer.convert_tokens_to_ids(index[START_TEXT])
+    return start_id
+
+
+class HeldPrefixesMixin:
+    """K attribute prefixes held as key/value buffers next to one frozen base LM, conditioned like training.
+
+    The one implementation behind ``AttributePrefixModel`` (processor path) and ``AirDecodingForCausalLM`` (fused
+    path): validation against the base model, the start token baked in after every prefix, the buffers
+    ``prefix_k_<layer>`` / ``prefix_v_<layer>`` ``(K, H, L, hd)`` with L = P (+1 with a start token), and the
+    properties both expose. The class using it is an ``nn.Module`` that sets ``_prefix_lm`` (the base model).
+    """
+
+    attributes: list[str]
+    shape: PrefixShape
+    start_token_id: int | None
+
+    def _hold_prefixes(
+        self,
+        base_model: PreTrainedModel,
+        prefixes: Mapping[str, torch.Tensor],
+        shape: PrefixShape,
+        start_token_id: int | None,
+    ) -> None:
+        validate_attribute_names(list(prefixes))
+        check_prefix_shape(shape, base_model)
+        self.attributes = list(prefixes)
+        self.shape = shape
+        self.start_token_id = start_token_id
+        device = base_model.get_input_embeddings().weight.device
+        dtype = next(base_model.parameters()).dtype
+        flat = torch.stack([prefixes[a].to(device=device, dtype=dtype) for a in self.attributes])  # (K, P, D')
+        layers = flat_prefix_to_layers(flat, shape)  # per layer (K, H, P, hd)
+        if start_token_id is not None:
+            layers = self._append_start_token(base_model, layers, start_token_id)
+        # buffers, so that .to(device / dtype) moves them with the base model
+        for i, (k, v) in enumerate(layers):
+            self.register_buffer(f"prefix_k_{i}", k.contiguous(), persistent=False)
+            self.register_buffer(f"prefix_v_{i}", v.contiguous(), persistent=False)
+
+    @torch.no_grad()
+    def _append_start_token(
+        self, base_model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]], start_token_id: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix key/values followed by the start token's, computed once under each prefix (at position P)."""
+        if not 0 <= start_token_id < base_model.get_input_embeddings().weight.shape[0]:
+            raise ValueError(f"start_token_id {start_token_id} is outside the base model's vocabulary")
+        k = layers[0][0].shape[0]
+        ids = torch.full((k, 1), start_token_id, dtype=torch.long, device=layers[0][0].device)
+        out = prefixed_forward(base_model, ids, self.shape.num_virtual_tokens,
+                               cache=prefix_cache(layers, base_model.config), use_cache=True)  # fmt: skip
+        # the start token's own prediction is the probability of a text's first token (sequence likelihoods)
+        self.register_buffer("start_logits", out.logits[:, -1].float(), persistent=False)  # (K, V)
+        return [(layer.keys, layer.values) for layer in out.cache.layers][: self.shape.num_layers]
+
+    @property
+    def num_attributes(self) -> int:
+        """K, the number of attributes."""
+        return len(self.attributes)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """P, the prefix length."""
+        return self.shape.num_virtual_tokens
+
+    @property
+    def prefix_length(self) -> int:
+        """L, the cached slots before a prompt: P, plus one for the start token when the checkpoint has one."""
+        return self.prefix_k_0.shape[2]
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base model's output vocabulary."""
+        return self._prefix_lm.get_output_embeddings().weight.shape[0]
+
+    def attribute_index(self, attribute: str) -> int:
+        """Position of ``attribute`` in ``attributes`` (the K axis of the attribute logits)."""
+        if attribute not in self.attributes:
+            raise ValueError(f"unknown attribute {attribute!r}; this checkpoint has {self.attributes}")
+        return self.attributes.index(attribute)
 
 
 # ---------------------------------------------------------------------------------------------- reader

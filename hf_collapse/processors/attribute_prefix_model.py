@@ -30,17 +30,15 @@ from ..modeling.attribute_prefixes import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_INDEX,
-    START_TEXT,
-    START_TOKEN_ID,
+    HeldPrefixesMixin,
     PrefixShape,
-    check_prefix_shape,
     flat_prefix_to_layers,
     layers_to_flat_prefix,
     prefix_cache,
     prefixed_forward,
     prefixed_positions,
     read_attribute_prefixes,
-    validate_attribute_names,
+    resolve_start_token_id,
 )
 
 __all__ = [
@@ -85,7 +83,7 @@ class AttributePrefixOutput:
     cache: DynamicCache
 
 
-class AttributePrefixModel(nn.Module):
+class AttributePrefixModel(HeldPrefixesMixin, nn.Module):
     """K prefix-conditional LMs (one PEFT prefix per attribute) sharing one frozen base causal LM.
 
     Args:
@@ -106,39 +104,14 @@ class AttributePrefixModel(nn.Module):
         start_token_id: int | None = None,
     ):
         super().__init__()
-        validate_attribute_names(list(prefixes))
-        check_prefix_shape(shape, base_model)
         self.base_model = base_model
         self.base_model.requires_grad_(False).eval()
-        self.attributes: list[str] = list(prefixes)
-        self.shape = shape
-        device = base_model.get_input_embeddings().weight.device
-        dtype = next(base_model.parameters()).dtype
-        flat = torch.stack([prefixes[a].to(device=device, dtype=dtype) for a in self.attributes])
-        # per layer: key/value (K, H, P, hd), kept as buffers so .to(device) moves them
-        layers = flat_prefix_to_layers(flat, shape)
-        self.start_token_id = start_token_id
-        if start_token_id is not None:
-            layers = self._append_start_token(layers, start_token_id)
-        # per layer: key/value (K, H, L, hd) with L = P (+1 with a start token), kept as buffers so .to() moves them
-        for i, (k, v) in enumerate(layers):
-            self.register_buffer(f"prefix_k_{i}", k.contiguous(), persistent=False)
-            self.register_buffer(f"prefix_v_{i}", v.contiguous(), persistent=False)
+        self._hold_prefixes(base_model, prefixes, shape, start_token_id)
         self._state: PrefixDecodingState | None = None
 
-    @torch.no_grad()
-    def _append_start_token(self, layers, start_token_id: int):
-        """The prefix key/values followed by the start token's, computed once under each prefix (at position P)."""
-        if not 0 <= start_token_id < self.base_model.get_input_embeddings().weight.shape[0]:
-            raise ValueError(f"start_token_id {start_token_id} is outside the base model's vocabulary")
-        k = layers[0][0].shape[0]
-        device = layers[0][0].device
-        ids = torch.full((k, 1), start_token_id, dtype=torch.long, device=device)
-        out = prefixed_forward(self.base_model, ids, self.shape.num_virtual_tokens,
-                               cache=prefix_cache(layers, self.base_model.config), use_cache=True)  # fmt: skip
-        # the start token's own prediction is the first real token's probability (see sequence_log_likelihood)
-        self.register_buffer("start_logits", out.logits[:, -1].float(), persistent=False)  # (K, V)
-        return [(layer.keys, layer.values) for layer in out.cache.layers][: self.shape.num_layers]
+    @property
+    def _prefix_lm(self) -> PreTrainedModel:
+        return self.base_model
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -153,49 +126,16 @@ class AttributePrefixModel(nn.Module):
         """
         # read (and validate) the checkpoint before the possibly slow base model load
         ckpt = read_attribute_prefixes(checkpoint_dir)
-        start_id = ckpt.index.get(START_TOKEN_ID)
-        if start_id is None and ckpt.index.get(START_TEXT) is not None:
-            if tokenizer is None:
-                raise ValueError(
-                    f"{checkpoint_dir} records its start token as text ({ckpt.index[START_TEXT]!r}) but not its id; "
-                    "pass tokenizer=... so it can be looked up"
-                )
-            start_id = tokenizer.convert_tokens_to_ids(ckpt.index[START_TEXT])
+        start_id = resolve_start_token_id(ckpt.index, tokenizer, checkpoint_dir)
         if isinstance(base_model, str):
             base_model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
         return cls(base_model, ckpt.prefixes, ckpt.shape, start_token_id=start_id)
 
     # ------------------------------------------------------------------ properties
     @property
-    def num_attributes(self) -> int:
-        """K, the number of attributes."""
-        return len(self.attributes)
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        """P, the prefix length."""
-        return self.shape.num_virtual_tokens
-
-    @property
-    def prefix_length(self) -> int:
-        """Cached positions before the prompt: P, plus one for the start token when the checkpoint has one."""
-        return self.prefix_k_0.shape[2]
-
-    @property
-    def vocab_size(self) -> int:
-        """Size of the base model's output vocabulary."""
-        return self.base_model.get_output_embeddings().weight.shape[0]
-
-    @property
     def device(self) -> torch.device:
         """Device of the prefixes (and of the cache and logits)."""
         return self.prefix_k_0.device
-
-    def attribute_index(self, attribute: str) -> int:
-        """Position of ``attribute`` in ``attributes`` (the K axis of the logits)."""
-        if attribute not in self.attributes:
-            raise ValueError(f"unknown attribute {attribute!r}; this checkpoint has {self.attributes}")
-        return self.attributes.index(attribute)
 
     def prefix_cache(self, batch_size: int, attributes: Sequence[int] | None = None) -> DynamicCache:
         """A cache of ``len(attributes) * batch_size`` rows (attribute-major) holding only the prefixes."""

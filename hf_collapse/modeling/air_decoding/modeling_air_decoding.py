@@ -63,15 +63,12 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..attribute_prefixes import (
-    START_TEXT,
-    START_TOKEN_ID,
+    HeldPrefixesMixin,
     PrefixShape,
     check_prefix_shape,
-    flat_prefix_to_layers,
-    prefix_cache,
-    prefixed_forward,
     prefixed_positions,
     read_attribute_prefixes,
+    resolve_start_token_id,
     validate_attribute_names,
 )
 from ..checkpoint_utils import atomic_directory_write, check_model_type
@@ -186,7 +183,7 @@ class _AttributeStep:
 
 
 # ---------------------------------------------------------------------------------------------- the model
-class AirDecodingForCausalLM(PreTrainedModel, GenerationMixin):
+class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin):
     r"""
     A base causal LM plus K attribute prefixes, run as ONE forward of ``(K+1)·B`` rows per step: ``generate()`` gets
     the generator's logits, :class:`~hf_collapse.AirDecodingLogitsProcessor` (or the weighted-decoding processor) reads
@@ -252,43 +249,19 @@ class AirDecodingForCausalLM(PreTrainedModel, GenerationMixin):
             )
         self.model = base_model
         self.model.requires_grad_(False).eval()
-        self.attributes: list[str] = attributes
-        self.shape = shape
         self.prefixes_dir = None if prefixes_dir is None else Path(os.path.abspath(prefixes_dir))
         # generate() reads pad/eos/max_length defaults from here: those of the base model
         self.generation_config = copy.deepcopy(base_model.generation_config)
-        device = base_model.get_input_embeddings().weight.device
-        dtype = next(base_model.parameters()).dtype
-        flat = torch.stack([prefixes[a].to(device=device, dtype=dtype) for a in attributes])  # (K, P, D')
-        layers = flat_prefix_to_layers(flat, shape)  # per layer (K, H, P, hd)
-        self.start_token_id = start_token_id
-        if start_token_id is not None:
-            layers = self._append_start_token(layers, start_token_id)
-        # per layer: key/value (K, H, L, hd), L = P (+1 with a start token); buffers so that .to(device / dtype)
-        # moves them with the base model
-        for i, (k, v) in enumerate(layers):
-            self.register_buffer(f"prefix_k_{i}", k.contiguous(), persistent=False)
-            self.register_buffer(f"prefix_v_{i}", v.contiguous(), persistent=False)
+        # the same held prefixes (start token baked in) as AttributePrefixModel, so both paths condition alike
+        self._hold_prefixes(base_model, prefixes, shape, start_token_id)
         self._base_keeps_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
         self._step: _AttributeStep | None = None
         self.eval()
         # no post_init(): this class owns no weights to initialise, and it must not touch the base model's
 
-    @torch.no_grad()
-    def _append_start_token(
-        self, layers: list[tuple[torch.Tensor, torch.Tensor]], start_token_id: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The prefix key/values followed by the start token's, computed once under each prefix (at position P).
-
-        The same computation as ``AttributePrefixModel``'s, so both paths condition the prompt identically.
-        """
-        if not 0 <= start_token_id < self.model.get_input_embeddings().weight.shape[0]:
-            raise ValueError(f"start_token_id {start_token_id} is outside the base model's vocabulary")
-        k = layers[0][0].shape[0]
-        ids = torch.full((k, 1), start_token_id, dtype=torch.long, device=layers[0][0].device)
-        out = prefixed_forward(self.model, ids, self.shape.num_virtual_tokens,
-                               cache=prefix_cache(layers, self.model.config), use_cache=True)  # fmt: skip
-        return [(layer.keys, layer.values) for layer in out.cache.layers][: self.shape.num_layers]
+    @property
+    def _prefix_lm(self) -> PreTrainedModel:
+        return self.model
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -313,7 +286,7 @@ class AirDecodingForCausalLM(PreTrainedModel, GenerationMixin):
                 sliding-window layers.
         """
         ckpt = read_attribute_prefixes(prefixes_dir)
-        start_id = _start_token_id(ckpt.index, tokenizer, prefixes_dir)
+        start_id = resolve_start_token_id(ckpt.index, tokenizer, prefixes_dir)
         name = base_model_name_or_path or getattr(base_model, "name_or_path", None) or None
         config = AirDecodingConfig(base_model_name_or_path=name, prefixes=str(prefixes_dir))
         return cls(config, base_model, ckpt.prefixes, ckpt.shape, prefixes_dir=prefixes_dir, start_token_id=start_id)
@@ -357,7 +330,7 @@ class AirDecodingForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"{folder} names itself as its base model")
         # read (and validate) the small prefix checkpoint before the possibly slow base model load
         ckpt = read_attribute_prefixes(prefixes_dir)
-        start_id = _start_token_id(ckpt.index, tokenizer, prefixes_dir)
+        start_id = resolve_start_token_id(ckpt.index, tokenizer, prefixes_dir)
         base_model = AutoModelForCausalLM.from_pretrained(base_ref, **kwargs)
         if isinstance(base_model, AirDecodingForCausalLM):
             raise ValueError(f"the base model of {folder} is itself an AirDecodingForCausalLM ({base_ref})")
@@ -422,32 +395,6 @@ class AirDecodingForCausalLM(PreTrainedModel, GenerationMixin):
             example_target=self.attributes[0],
         )
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def num_attributes(self) -> int:
-        """K, the number of attributes."""
-        return len(self.attributes)
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        """P, the prefix length."""
-        return self.shape.num_virtual_tokens
-
-    @property
-    def prefix_length(self) -> int:
-        """L, the slots in front of every row: P, plus one for the start token when the checkpoint has one."""
-        return self.prefix_k_0.shape[2]
-
-    @property
-    def vocab_size(self) -> int:
-        """Size of the base model's output vocabulary."""
-        return self.model.get_output_embeddings().weight.shape[0]
-
-    def attribute_index(self, attribute: str) -> int:
-        """Position of ``attribute`` in ``attributes`` (the K axis of the attribute logits)."""
-        if attribute not in self.attributes:
-            raise ValueError(f"unknown attribute {attribute!r}; this checkpoint has {self.attributes}")
-        return self.attributes.index(attribute)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
@@ -669,19 +616,6 @@ class AirDecodingForCausalLM(PreTrainedModel, GenerationMixin):
             return super().generate(*args, **kwargs)
         finally:
             self.forget_step()
-
-
-def _start_token_id(index: Mapping[str, Any], tokenizer: Any, checkpoint_dir: str | os.PathLike) -> int | None:
-    """The start token the prefixes were trained with, from the checkpoint's index (as ``AttributePrefixModel``)."""
-    start_id = index.get(START_TOKEN_ID)
-    if start_id is None and index.get(START_TEXT) is not None:
-        if tokenizer is None:
-            raise ValueError(
-                f"{checkpoint_dir} records its start token as text ({index[START_TEXT]!r}) but not its id; pass "
-                "tokenizer=... so it can be looked up"
-            )
-        start_id = tokenizer.convert_tokens_to_ids(index[START_TEXT])
-    return start_id
 
 
 def _resolve(folder: Path, ref: str) -> str:
