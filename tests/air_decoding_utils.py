@@ -217,6 +217,22 @@ def assert_scores_match_reference(
             torch.testing.assert_close(ours[ok], ref[ok], atol=2e-3, rtol=1e-4)
 
 
+def assert_composed_scores_match_reference(out, t0: int, base, ckpt, attributes, strengths: dict[int, float]) -> None:
+    """Processors for several targets of one attribute-prefix set composed in one greedy ``generate()`` (row 0):
+    every step's scores equal ``log_softmax(lm) + sum_k λ_k log P(c_k | x, history)`` from the float64 reference."""
+    seq = out.sequences[0]
+    per_attr = [manual_prefixed_logits(base, str(ckpt / a), seq[None])[0] for a in attributes]
+    gen = seq[t0:].tolist()
+    vocab = out.logits[0].shape[-1]
+    for s in range(len(gen)):
+        steps = [torch.stack([pa[t0 - 1 + j] for pa in per_attr]) for j in range(s + 1)]
+        expected = torch.log_softmax(out.logits[s][0].double(), -1)
+        for k, strength in strengths.items():  # log P(c_k | ...) is the reference at λ = 1 on a flat LM
+            expected = expected + strength * reference_processed_scores(torch.zeros(vocab), steps, gen[:s], k, 1.0)
+        expected = torch.log_softmax(expected, -1)  # log P^λ is known up to a constant
+        torch.testing.assert_close(torch.log_softmax(out.scores[s][0].double(), -1), expected, atol=2e-3, rtol=1e-4)
+
+
 def reference_history(base, ckpt, attributes, seq: torch.Tensor, t0: int) -> torch.Tensor:
     """The Air-Decoding history ``(K,)`` (sum of log w at the generated tokens) of one unpadded sequence."""
     per_attr = [manual_prefixed_logits(base, str(ckpt / a), seq[None])[0] for a in attributes]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from air_decoding_utils import (
     VOCAB,
+    assert_composed_scores_match_reference,
+    assert_scores_match_reference,
     make_checkpoint,
     manual_prefixed_logits,
-    reference_processed_scores,
     tiny_gpt2,
     tiny_llama,
     tiny_tokenizer,
@@ -76,29 +77,6 @@ def test_incremental_steps_and_left_padding_match_full_forward(setup, request):
 
 
 # ----------------------------------------------------------------------------------------------- reference checks
-def _check_against_reference(
-    out, prompt, prompt_mask, base, ckpt, attributes, target, strength, method, normalize, n_ret=1
-):
-    """Recompute every processed step of every returned row with the slow float64 reference."""
-    t0 = prompt.shape[1]
-    seqs = out.sequences
-    prompt_mask = prompt_mask.repeat_interleave(n_ret, 0)
-    for r in range(seqs.shape[0]):
-        real = seqs[r, :t0][prompt_mask[r].bool()]
-        gen = seqs[r, t0:].tolist()
-        per_attr = [
-            manual_prefixed_logits(base, str(ckpt / a), torch.cat([real, seqs[r, t0:]])[None])[0] for a in attributes
-        ]
-        attr_steps = [torch.stack([pa[len(real) - 1 + s] for pa in per_attr]) for s in range(len(gen))]
-        for s in range(len(gen)):
-            ref = reference_processed_scores(
-                out.logits[s][r], attr_steps[: s + 1], gen[:s], target, strength, method, normalize
-            )
-            ours = torch.log_softmax(out.scores[s][r].double(), -1)
-            ok = ref > -600  # beyond that the reference's P^λ itself underflows in float64
-            torch.testing.assert_close(ours[ok], ref[ok], atol=2e-3, rtol=1e-4)
-
-
 def _generate(model, proc, prompt, mask, **kw):
     return model.generate(
         input_ids=prompt,
@@ -125,7 +103,7 @@ def test_greedy_matches_slow_reference(gpt2_setup, method, normalize, strength):
     mask = torch.ones_like(prompt)
     proc = cls(am, "positive", strength, prompt_attention_mask=mask, normalize=normalize)
     out = _generate(base, proc, prompt, mask, do_sample=False)
-    _check_against_reference(out, prompt, mask, base, ckpt, am.attributes, 0, strength, method, normalize)
+    assert_scores_match_reference(out, prompt, mask, base, ckpt, am.attributes, 0, strength, method, normalize)
 
 
 def test_sampling_batch_left_padding_num_return_sequences(gpt2_setup):
@@ -135,7 +113,7 @@ def test_sampling_batch_left_padding_num_return_sequences(gpt2_setup):
     proc = AirDecodingLogitsProcessor(am, "negative", 40.0, prompt_attention_mask=mask)
     out = _generate(base, proc, prompt, mask, do_sample=True, top_k=0, num_return_sequences=2)
     assert out.sequences.shape == (4, 9)
-    _check_against_reference(out, prompt, mask, base, ckpt, am.attributes, 1, 40.0, "air", False, n_ret=2)
+    assert_scores_match_reference(out, prompt, mask, base, ckpt, am.attributes, 1, 40.0, "air", False, n_ret=2)
 
 
 def test_left_padded_row_generates_like_unpadded(gpt2_setup):
@@ -258,16 +236,7 @@ def test_processors_sharing_one_attribute_model_match_the_cache_free_reference(g
     out = base.generate(input_ids=prompt, logits_processor=LogitsProcessorList([p_pos, p_neg]), max_new_tokens=4,
                         do_sample=False, output_scores=True, output_logits=True, return_dict_in_generate=True,
                         pad_token_id=1, eos_token_id=None)  # fmt: skip
-    t0 = prompt.shape[1]
-    seq = out.sequences[0]
-    per_attr = [manual_prefixed_logits(base, str(ckpt / a), seq[None])[0] for a in am.attributes]
-    gen = seq[t0:].tolist()
-    for s in range(len(gen)):
-        steps = [torch.stack([pa[t0 - 1 + j] for pa in per_attr]) for j in range(s + 1)]
-        lm = torch.log_softmax(out.logits[s][0].double(), -1)
-        post = [reference_processed_scores(torch.zeros(VOCAB), steps, gen[:s], k, 1.0) for k in (0, 1)]
-        expected = torch.log_softmax(lm + 3.0 * post[0] + 2.0 * post[1], -1)  # log P^λ up to a constant
-        torch.testing.assert_close(torch.log_softmax(out.scores[s][0].double(), -1), expected, atol=2e-3, rtol=1e-4)
+    assert_composed_scores_match_reference(out, prompt.shape[1], base, ckpt, am.attributes, {0: 3.0, 1: 2.0})
 
 
 def test_prompt_mask_must_match_the_batch(gpt2_setup):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from air_decoding_utils import (
     VOCAB,
+    assert_composed_scores_match_reference,
     assert_same_steered_output,
     assert_scores_match_reference,
     generate_steered,
@@ -17,7 +18,6 @@ from air_decoding_utils import (
     make_start_token_checkpoint,
     manual_prefixed_logits,
     reference_history,
-    reference_processed_scores,
     tiny_gpt2,
     tiny_llama,
     tiny_tokenizer,
@@ -189,16 +189,7 @@ def test_two_processors_over_one_fused_model_compose(gpt2_setup):
         ]
         outs.append(generate_steered(model, procs, prompt, None, max_new_tokens=4, do_sample=False))
     assert_same_steered_output(*outs)
-    out, t0 = outs[0], prompt.shape[1]
-    seq = out.sequences[0]
-    per_attr = [manual_prefixed_logits(base, str(ckpt / a), seq[None])[0] for a in am.attributes]
-    gen = seq[t0:].tolist()
-    for s in range(len(gen)):
-        steps = [torch.stack([pa[t0 - 1 + j] for pa in per_attr]) for j in range(s + 1)]
-        lm = torch.log_softmax(out.logits[s][0].double(), -1)
-        post = [reference_processed_scores(torch.zeros(VOCAB), steps, gen[:s], k, 1.0) for k in (0, 1)]
-        expected = torch.log_softmax(lm + 3.0 * post[0] + 2.0 * post[1], -1)  # log P^λ up to a constant
-        torch.testing.assert_close(torch.log_softmax(out.scores[s][0].double(), -1), expected, atol=2e-3, rtol=1e-4)
+    assert_composed_scores_match_reference(outs[0], prompt.shape[1], base, ckpt, am.attributes, {0: 3.0, 1: 2.0})
 
 
 def test_text_generation_pipeline_over_the_fused_model(gpt2_setup):
