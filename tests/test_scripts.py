@@ -40,6 +40,8 @@ def test_every_command_has_a_main():
         (["generate", "--model", "m", "--prefixes", "p", "--attribute", "a", ""], "prompt is empty"),
         (["generate", "--model", "m", "--prefixes", "p", "--attribute", "a", "--num_samples", "0", "x"], "num_samples"),
         (["demo", "--only", "nope"], "--only must be one of"),
+        (["passkey", "--model", "m", "--trials", "abc"], "invalid int value: 'abc' (see hf-collapse passkey --help)"),
+        (["passkey"], "the following arguments are required: --model"),
         (["demo", "--strength", "inf"], "--strength must be a finite number"),
         (["train-prefixes", "--model", "m", "--data", "/no/such.jsonl", "--output_dir", "o"], "is not a file"),
     ],

@@ -58,6 +58,11 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str], prog: str, 
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(tuple(dataclass_types), prog=prog)
+
+    def error(message: str):  # argparse would print the whole usage block; one line is what the CLI promises
+        raise CommandError(f"{message} (see {prog} --help)")
+
+    parser.error = error
     try:
         return parser.parse_args_into_dataclasses(args=list(argv), **kwargs)
     except (ValueError, TypeError) as err:
