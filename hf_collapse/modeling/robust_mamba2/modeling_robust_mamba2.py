@@ -487,7 +487,7 @@ class RobustMamba2Model(RobustMamba2PreTrainedModel):
         ``(cache, use_cache, output_hidden_states, return_dict)``."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        self.check_mitigations()  # before has_mitigations is read below
+        # the mitigation fields are re-validated once per forward, in iter_segments, before any layer runs
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
