@@ -489,6 +489,17 @@ class HeldPrefixesMixin:
         self.register_buffer("start_logits", out.logits[:, -1].float(), persistent=False)  # (K, V)
         return [(layer.keys, layer.values) for layer in out.cache.layers][: self.shape.num_layers]
 
+    def own_start_columns(self, input_ids: torch.Tensor, mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``(B,)`` per row, the mask column of the prompt's own start token, or -1 when the row has none.
+
+        The start token is baked into the prefix slots, so a prompt whose first real token is that token would read
+        it twice; callers hide this column from the prefix rows. ``mask`` ``(B, offset + T)`` covers the real tokens
+        seen so far, ``input_ids`` ``(B, T)`` the last ``T`` of them.
+        """
+        first = mask.argmax(-1)  # (B,) column of each row's first real token
+        tok = input_ids.gather(1, (first - offset).clamp(min=0)[:, None])[:, 0]
+        return torch.where(tok == self.start_token_id, first, torch.full_like(first, -1))
+
     @property
     def num_attributes(self) -> int:
         """K, the number of attributes."""

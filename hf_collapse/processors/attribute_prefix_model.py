@@ -220,10 +220,10 @@ class AttributePrefixModel(HeldPrefixesMixin, nn.Module):
         attention_mask = attention_mask.to(self.device).long()
         if self.start_token_id is not None:
             # the start token is already in the prefix cache: hide a prompt's own copy rather than read it twice
-            first = attention_mask.argmax(-1)  # (B,) column of each row's first real token
-            own = input_ids.to(self.device).gather(1, first[:, None])[:, 0] == self.start_token_id
+            cols = self.own_start_columns(input_ids.to(self.device), attention_mask)
+            own = cols >= 0
             attention_mask = attention_mask.clone()
-            attention_mask[own, first[own]] = 0
+            attention_mask[own, cols[own]] = 0
         out = self.forward(input_ids, attention_mask)
         next_pos = prefixed_positions(attention_mask, self.prefix_length)[:, -1] + 1
         return out.logits[:, :, -1], PrefixDecodingState(out.cache, attention_mask, next_pos)

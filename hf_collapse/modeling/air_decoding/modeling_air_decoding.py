@@ -139,11 +139,8 @@ class AirDecodingCache(DynamicCache):
         """Generator-row indices ``(N,)`` -> the same rows in every group ``(num_groups·N,)``, group-major."""
         b = self.group_batch_size
         device = self.layers[0].keys.device
-        indices = torch.as_tensor(indices, device=device)
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero().view(-1)
         offsets = torch.arange(self.num_groups, device=device) * b
-        return (offsets[:, None] + indices.view(-1).long()[None, :]).reshape(-1)
+        return (offsets[:, None] + _row_indices(indices, device)[None, :]).reshape(-1)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: generator row ``i`` continues row ``beam_idx[i]``; so does every prefix row of input ``i``."""
@@ -166,10 +163,15 @@ class AirDecodingCache(DynamicCache):
 
     def _select_start_columns(self, indices: torch.Tensor) -> None:
         if self.start_columns is not None:
-            indices = torch.as_tensor(indices, device=self.start_columns.device)
-            if indices.dtype == torch.bool:
-                indices = indices.nonzero().view(-1)
-            self.start_columns = self.start_columns[indices.view(-1).long()]
+            self.start_columns = self.start_columns[_row_indices(indices, self.start_columns.device)]
+
+
+def _row_indices(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Row indices ``(N,)`` (long) from indices or a boolean row mask, as the ``Cache`` batch operations accept."""
+    indices = torch.as_tensor(indices, device=device)
+    if indices.dtype == torch.bool:
+        indices = indices.nonzero()
+    return indices.view(-1).long()
 
 
 @dataclass
@@ -566,11 +568,8 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
             cols = torch.full((b,), -2, dtype=torch.long, device=mask.device)  # -2: no real token seen yet
         cols = cols.to(mask.device)
         pending = (cols == -2) & mask[:, past:].bool().any(-1)
-        if bool(pending.any()):
-            first = mask.argmax(-1)  # (B,) column of each row's first real token (in this call's new columns)
-            tok = input_ids.gather(1, (first - past).clamp(min=0)[:, None])[:, 0]
-            found = torch.where(tok == self.start_token_id, first, torch.full_like(first, -1))
-            cols = torch.where(pending, found, cols)
+        if bool(pending.any()):  # the first real token arrived in this call's new columns
+            cols = torch.where(pending, self.own_start_columns(input_ids, mask, offset=past), cols)
         cache.start_columns = cols
         hide = cols >= 0
         if not bool(hide.any()):
