@@ -17,6 +17,20 @@ import math
 import torch
 import torch.nn.functional as F
 
+# the tiny robust Mamba-2 shape of the tests: n_groups > 1 and chunks short enough to have several in a sequence
+TINY = dict(
+    num_heads=4,
+    head_dim=8,
+    hidden_size=16,
+    state_size=8,
+    n_groups=2,
+    num_hidden_layers=2,
+    vocab_size=50,
+    chunk_size=8,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 
 def _mixer(mixer, config, hidden, layer_idx):
     """hidden (b, T, d) float64 -> mixer output (b, T, d) float64."""

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from reference_mamba2 import reference_logits
+from reference_mamba2 import TINY, reference_logits
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Mamba2Config, Mamba2ForCausalLM
 
 import hf_collapse
@@ -35,20 +35,7 @@ from hf_collapse.modeling.robust_mamba2 import (
 
 torch.set_num_threads(1)
 
-# n_groups > 1, a length that is not a multiple of chunk_size, and chunks short enough to have several
-TINY = dict(
-    num_heads=4,
-    head_dim=8,
-    hidden_size=16,
-    state_size=8,
-    n_groups=2,
-    num_hidden_layers=2,
-    vocab_size=50,
-    chunk_size=8,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
+# TINY (reference_mamba2) has n_groups > 1; T is not a multiple of its chunk_size
 T = 37
 SPLITS = [0, 3, 11, 12, 30, T]  # chained calls: odd sizes, one single-token call in the middle
 PREFILL = 5

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from reference_mamba2 import TINY
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,19 +25,6 @@ from hf_collapse.modeling.robust_mamba2 import cache_robust_mamba2 as cache_modu
 
 torch.set_num_threads(1)
 
-TINY = dict(
-    num_heads=4,
-    head_dim=8,
-    hidden_size=16,
-    state_size=8,
-    n_groups=2,
-    num_hidden_layers=2,
-    vocab_size=50,
-    chunk_size=8,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
 T = 41
 CUT = 17  # not a multiple of state_norm_every (5) nor of the window (6): the stream stops mid-period
 RESUME_TOL = 1e-5
