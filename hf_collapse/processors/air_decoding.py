@@ -251,16 +251,10 @@ class WeightedDecodingLogitsProcessor(AirDecodingLogitsProcessor):
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (float64) with NaN as -inf, +inf as the largest float and all-non-finite rows uniform (checked in one
-    pass first: logits are almost always finite)."""
+    """``x`` (float64) with NaN as -inf, +inf as the largest float, and rows with no finite entry uniform (zeros), so
+    log_softmax never yields NaN. Checked in one pass first: logits are almost always finite."""
     if bool(torch.isfinite(x).all()):
         return x
-    return _safe_rows(torch.nan_to_num(x, nan=-math.inf, posinf=torch.finfo(x.dtype).max))
-
-
-def _safe_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows with no finite entry become all zeros (uniform) so log_softmax never yields NaN."""
+    x = torch.nan_to_num(x, nan=-math.inf, posinf=torch.finfo(x.dtype).max)
     bad = ~torch.isfinite(x).any(-1, keepdim=True)
-    if bool(bad.any()):
-        x = torch.where(bad, torch.zeros_like(x), x)
-    return x
+    return torch.where(bad, torch.zeros_like(x), x)
