@@ -264,6 +264,34 @@ def test_logit_loss_until_turns_alpha_off(tmp_path):
     assert trainer._alpha_now() == 0.0
 
 
+def test_alpha_warmup_ramps_the_distillation_term(tmp_path):
+    teacher, student = image_pair()
+    args = make_args(tmp_path, mode="naive", alpha=2.0, alpha_warmup_ratio=0.5, max_steps=8)
+    trainer = DualHeadDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ImageData())
+    trainer.state.max_steps = 8
+    alphas = []
+    for step in range(6):
+        trainer.state.global_step = step
+        alphas.append(trainer._alpha_now())
+    assert alphas == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 2.0])  # 2·(step+1)/(0.5·8), then the full weight
+    # the weight reaches the loss itself: total = CE + alpha_now · logit loss
+    trainer.state.global_step = 0
+    batch = {"pixel_values": ImageData().x[:4], "labels": ImageData().y[:4]}
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        out = student(pixel_values=batch["pixel_values"])
+        t = teacher(pixel_values=batch["pixel_values"]).logits
+    expected = ref.ce(out.logits, batch["labels"]) + 0.5 * ref.binary_kl_norm(out.logits, t, 2.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.1, 1.5])
+def test_alpha_warmup_ratio_rejects_bad_values(tmp_path, value):
+    with pytest.raises(ValueError, match="alpha_warmup_ratio"):
+        make_args(tmp_path, alpha_warmup_ratio=value)
+
+
 def test_gradient_accumulation_equals_larger_batch(tmp_path):
     """One SGD step with batch 8 equals 2 accumulated micro-batches of 4 (no BatchNorm, no dropout)."""
 

@@ -60,6 +60,14 @@ class DualHeadDistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Fraction of training after which alpha becomes 0 (the paper's ImageNet recipe)."},
     )
+    alpha_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of training over which alpha rises linearly from 0 to its value, as logit-distillation "
+            "recipes (e.g. DKD) warm up the distillation term so that early, large logit gradients cannot derail "
+            "training. 0 (default) uses the full alpha from the first step."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +82,8 @@ class DualHeadDistillationConfig(TrainingArguments):
             setattr(self, name, check_number(owner, name, getattr(self, name), minimum=0.0, exclusive_minimum=True))
         self.logit_loss_until = check_number(owner, "logit_loss_until", self.logit_loss_until, minimum=0.0,
                                              maximum=1.0, allow_none=True)  # fmt: skip
+        self.alpha_warmup_ratio = check_number(owner, "alpha_warmup_ratio", self.alpha_warmup_ratio, minimum=0.0,
+                                               maximum=1.0)  # fmt: skip
         if self.gradient_alignment and self.mode in ("ce", "logit"):
             raise ValueError(
                 f"DualHeadDistillationConfig: gradient_alignment needs two loss terms; mode={self.mode!r} has one."
@@ -133,10 +143,16 @@ class DualHeadDistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ loss
     def _alpha_now(self) -> float:
+        """The distillation weight at the current optimizer step (warm-up and `logit_loss_until` applied)."""
         args: DualHeadDistillationConfig = self.args
-        if args.logit_loss_until is not None and self.state.max_steps:
-            if self.state.global_step >= args.logit_loss_until * self.state.max_steps:
-                return 0.0
+        max_steps, step = self.state.max_steps, self.state.global_step
+        if not max_steps:  # outside train() (e.g. evaluate() alone): the configured weight
+            return args.alpha
+        if args.logit_loss_until is not None and step >= args.logit_loss_until * max_steps:
+            return 0.0
+        if args.alpha_warmup_ratio > 0:
+            # step + 1: the first update already carries a small share of the term, as in DKD's min(epoch/warmup, 1)
+            return args.alpha * min(1.0, (step + 1) / (args.alpha_warmup_ratio * max_steps))
         return args.alpha
 
     def loss_terms(
