@@ -166,10 +166,14 @@ def build_student(num_labels: int):
     from transformers import ResNetConfig
 
     from hf_collapse import DualHeadForImageClassification
+    from hf_collapse.scripts.fashion_mnist import FASHION_MNIST_LABELS
 
+    names = FASHION_MNIST_LABELS if num_labels == 10 else [f"{a} | {b}" for a in FASHION_MNIST_LABELS
+                                                           for b in FASHION_MNIST_LABELS]  # fmt: skip
     backbone = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 128], depths=[1, 1, 1],
                             layer_type="basic")  # fmt: skip
-    return DualHeadForImageClassification.from_backbone(backbone, num_labels=num_labels, aux_head="mlp")
+    return DualHeadForImageClassification.from_backbone(backbone, num_labels=num_labels, aux_head="mlp",
+                                                        id2label=dict(enumerate(names)))
 
 
 def step_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
