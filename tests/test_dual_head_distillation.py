@@ -402,6 +402,40 @@ def test_cached_teacher_logits_equal_the_live_teacher(tmp_path, as_hf_dataset):
     torch.testing.assert_close(offline, live, rtol=1e-5, atol=1e-6)
 
 
+def test_cached_teacher_logits_with_a_padding_collator(tmp_path):
+    """Variable-length text through DataCollatorWithPadding (the Trainer's default with a tokenizer): the cached
+    columns bypass the padding, and the step equals the live teacher's."""
+    from transformers import BertTokenizerFast, DataCollatorWithPadding
+
+    from hf_collapse import precompute_teacher_logits
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(40)]]))
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 40, (int(n),), generator=g))
+             for n in torch.randint(1, 9, (8,), generator=g)]  # fmt: skip
+    items = [{"input_ids": tok(t)["input_ids"], "labels": i % NUM_LABELS} for i, t in enumerate(texts)]
+    assert len({len(it["input_ids"]) for it in items}) > 1  # the padding is exercised
+    collator = DataCollatorWithPadding(tok)
+
+    def step(cached: bool):
+        torch.manual_seed(0)
+        t = BertForSequenceClassification(bert_cfg(num_labels=NUM_LABELS)).eval()
+        student = DualHeadForSequenceClassification(
+            DualHeadConfig(backbone_config=bert_cfg(), num_labels=NUM_LABELS, aux_head="linear")
+        )
+        data = precompute_teacher_logits(t, items, batch_size=3, dtype=torch.float32, data_collator=collator) \
+            if cached else items  # fmt: skip
+        args = make_args(tmp_path, mode="dhkd", beta=0.5, per_device_train_batch_size=4, max_steps=1, optim="sgd",
+                         learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0)  # fmt: skip
+        DualHeadDistillationTrainer(model=student, teacher_model=None if cached else t, args=args, train_dataset=data,
+                                    data_collator=collator).train()  # fmt: skip
+        return torch.cat([p.detach().flatten() for p in student.parameters()])
+
+    torch.testing.assert_close(step(cached=True), step(cached=False), rtol=1e-5, atol=1e-6)
+
+
 def test_cached_logits_storage_and_top_k(tmp_path):
     import datasets
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from ..validation import check_finite_fields, check_number
 from .distillation_losses import LOGIT_LOSSES, hinton_kd_loss
-from .teacher_logits import TEACHER_COLUMNS, has_teacher_logits, teacher_logits_from_batch
+from .teacher_logits import TEACHER_COLUMNS, TeacherColumnsCollator, has_teacher_logits, teacher_logits_from_batch
 
 __all__ = ["DualHeadDistillationConfig", "DualHeadDistillationTrainer", "MODES"]
 
@@ -123,6 +123,8 @@ class DualHeadDistillationTrainer(Trainer):
                     "distillation needs the same label space."
                 )
         super().__init__(model=model, args=args, **kwargs)
+        # cached teacher logits must not reach a padding collator (it would try to pad them)
+        self.data_collator = TeacherColumnsCollator(self.data_collator)
         self.teacher = teacher_model
         if self.teacher is not None:
             self.teacher.requires_grad_(False).eval()

@@ -22,6 +22,7 @@ __all__ = [
     "TEACHER_TOPK_VALUES",
     "TEACHER_TOPK_INDICES",
     "TEACHER_COLUMNS",
+    "TeacherColumnsCollator",
     "TeacherLogitsDataset",
     "has_teacher_logits",
     "precompute_teacher_logits",
@@ -132,6 +133,29 @@ def precompute_teacher_logits(
         as_numpy = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in columns.items()}
         return datasets.concatenate_datasets([dataset, datasets.Dataset.from_dict(as_numpy)], axis=1)
     return TeacherLogitsDataset(dataset, columns)
+
+
+class TeacherColumnsCollator:
+    """Wraps a data collator so the cached teacher columns bypass it.
+
+    Padding collators (`DataCollatorWithPadding`, the default of a `Trainer` given a tokenizer) pad every field of
+    the items and fail on a per-item logits vector. The wrapped collator sees the items without the teacher columns;
+    those are stacked `(B, C)` / `(B, k)` and added to its batch. Items without teacher columns pass through
+    unchanged, so wrapping is harmless for any dataset.
+    """
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[Any]) -> Any:
+        first = features[0] if features else None
+        present = [c for c in TEACHER_COLUMNS if isinstance(first, dict) and c in first]
+        if not present:
+            return self.collator(features)
+        batch = self.collator([{k: v for k, v in f.items() if k not in present} for f in features])
+        for c in present:
+            batch[c] = torch.stack([torch.as_tensor(f[c]) for f in features])
+        return batch
 
 
 def has_teacher_logits(dataset: Any) -> bool:
