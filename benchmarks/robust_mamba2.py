@@ -1,6 +1,7 @@
 """RobustMamba2 vs transformers' Mamba2ForCausalLM (same weights, same process): prefill, memory, decode.
 
-    python benchmarks/robust_mamba2.py [--threads 2] [--parts prefill,memory,latency,decode,decode_step] [--repeats 5]
+    python benchmarks/robust_mamba2.py [--threads 2] [--parts prefill,memory,latency,decode,decode_step,train_step]
+        [--repeats 5]
 
 Parts (issue 3, "Performance"):
 - prefill: forward over 4096 tokens (``use_cache=True, logits_to_keep=1``, i.e. a generation prefill), a tiny
@@ -13,6 +14,9 @@ Parts (issue 3, "Performance"):
   and ``sliding_window``.
 - decode: ``generate()`` tokens/s at batch 1 (130m-shaped, all 24 layers; 8-token prompt, 16 new tokens, prefill
   included) vs transformers, next to the memory-bandwidth limit (fp32 weight bytes / measured copy bandwidth).
+- train_step: one training step (forward + backward, batch 16 × 128 tokens, no cache) of the large-state byte-level
+  model of the emergent-collapse experiment (hidden 128, 2 layers, expand 8, 16 heads × 64, state 1024: 2.1M state
+  elements), ours (short segments through the quadratic scan) vs ours forced onto the chunk scan vs transformers.
 - decode_step: one cached greedy decode step at batch 1 (130m-shaped, 24 layers; what llama.cpp's ``tg`` measures), fp32
   and bf16, ours vs transformers, next to the weight-read bound measured in the same process: the bytes a step
   actually reads (all weights but the input embedding, of which one row) over a matrix-vector product's read
@@ -298,11 +302,43 @@ def bench_decode_step(args):
               f"{(1 / o) / (bw / read):.2f} of it")  # fmt: skip
 
 
+LARGE_STATE = dict(
+    hidden_size=128, num_hidden_layers=2, expand=8, num_heads=16, head_dim=64, state_size=1024, n_groups=1,
+    vocab_size=256, chunk_size=256,
+)  # fmt: skip
+
+
+def bench_train_step(args):
+    import dataclasses
+
+    from hf_collapse.modeling.robust_mamba2 import resolve_kernels
+
+    hf, ours = _pair(LARGE_STATE)
+    _, chunked = _pair(LARGE_STATE)
+    chunk_only = dataclasses.replace(resolve_kernels(), quadratic_max=0)
+    for block in chunked.backbone.layers:
+        block.mixer.kernel_functions = chunk_only
+    ids = torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(0))
+
+    def step(model):
+        def run():
+            model.train()
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+
+        return run
+
+    for name, base in (("chunk_scan", chunked), ("transformers", hf)):
+        o, b = interleaved_median(step(ours), step(base), repeats=args.repeats)
+        report(SCRIPT, f"train_step_16x128_large_state_vs_{name}", o, b, args.repeats, args.threads, speed=b / o)
+        print(f"  speed vs {name}: {b / o:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--parts", default="prefill,memory,latency,decode,decode_step")
+    parser.add_argument("--parts", default="prefill,memory,latency,decode,decode_step,train_step")
     parser.add_argument("--decode-steps", type=int, default=20, help="decode steps per timed repeat (decode_step)")
     parser.add_argument("--memory-limit-gb", type=float, default=12.0)
     parser.add_argument("--memory-child", nargs=2, metavar=("WHICH", "LENGTH"), help=argparse.SUPPRESS)
@@ -314,7 +350,8 @@ def main() -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
     for name, fn in (("prefill", bench_prefill), ("memory", bench_memory), ("latency", bench_latency),
-                     ("decode", bench_decode), ("decode_step", bench_decode_step)):  # fmt: skip
+                     ("decode", bench_decode), ("decode_step", bench_decode_step),
+                     ("train_step", bench_train_step)):  # fmt: skip
         if name in parts:
             print(f"== {name}")
             fn(args)

@@ -6,6 +6,7 @@ Three modes are checked everywhere: one forward over the whole input, segmented 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -413,6 +414,43 @@ def test_training_backward_through_segments_and_mitigations():
     out.loss.backward()
     assert model.backbone.layers[0].mixer.A_log.grad is not None
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("mitigations", [{}, {"state_norm_max": 5.0, "state_norm_every": 8}])
+def test_quadratic_training_path_matches_the_chunk_scan(mitigations, monkeypatch):
+    """Short-sequence training through the quadratic scan: same loss and gradients as transformers' chunk scan, and
+    transformers' Mamba2 (without mitigations) sees the same loss."""
+    import hf_collapse.modeling.robust_mamba2.modeling_robust_mamba2 as modeling
+
+    calls = []
+    real = modeling.quadratic_scan
+    monkeypatch.setattr(modeling, "quadratic_scan", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+
+    def loss_and_grads(quadratic: bool):
+        model = _robust(**mitigations).train()
+        if not quadratic:
+            chunk_only = dataclasses.replace(resolve_kernels(), quadratic_max=0)
+            for block in model.backbone.layers:
+                block.mixer.kernel_functions = chunk_only
+        ids = _ids(length=40)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_c, grads_c = loss_and_grads(False)
+    assert not calls
+    loss_q, grads_q = loss_and_grads(True)
+    assert calls and max(calls) <= resolve_kernels().quadratic_max  # the quadratic form ran
+    assert abs(loss_q.item() - loss_c.item()) < 1e-5
+    for gq, gc in zip(grads_q, grads_c):
+        torch.testing.assert_close(gq, gc, rtol=1e-3, atol=1e-4)
+    if not mitigations:  # and transformers' own Mamba2 computes the same logits
+        torch.manual_seed(0)
+        hf = Mamba2ForCausalLM(Mamba2Config(**TINY))
+        ours = RobustMamba2ForCausalLM.from_mamba2(hf)
+        ids = _ids(length=40)
+        with torch.no_grad():
+            assert (hf(ids).logits - ours(ids).logits).abs().max() < TOL
 
 
 # ----------------------------------------------------------------------------------------------------------------

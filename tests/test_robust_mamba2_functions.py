@@ -25,7 +25,9 @@ from hf_collapse.modeling.robust_mamba2 import (
     window_start_state,
 )
 from hf_collapse.modeling.robust_mamba2.kernels_robust_mamba2 import (
+    QUADRATIC_SCAN_MAX,
     conv_update_cpu,
+    quadratic_scan,
     resolve_kernels,
     ssm_update_cpu,
 )
@@ -298,3 +300,75 @@ def test_cpu_steps_match_transformers_functions():
     )
     torch.testing.assert_close(ssm_update_cpu(state_a, *args), reference.ssm_update(state_b, *args))
     torch.testing.assert_close(state_a, state_b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the quadratic (attention-like) scan of short segments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _scan_loop(x, dt, A, B, C, D, h0):
+    """h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ, y_t = C_t h_t + D·x_t, element by element in float64."""
+    b, length, heads, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    y = torch.zeros(b, length, heads, p, dtype=torch.float64)
+    h = h0.double().clone() if h0 is not None else torch.zeros(b, heads, p, n, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(heads):
+            gi = hi // (heads // g)
+            for t in range(length):
+                decay = math.exp(float(dt[bi, t, hi]) * float(A[hi]))
+                for pi in range(p):
+                    for ni in range(n):
+                        h[bi, hi, pi, ni] = decay * h[bi, hi, pi, ni] + float(dt[bi, t, hi]) * float(
+                            x[bi, t, hi, pi]
+                        ) * float(B[bi, t, gi, ni])
+                    y[bi, t, hi, pi] = sum(float(C[bi, t, gi, ni]) * h[bi, hi, pi, ni] for ni in range(n)) + float(
+                        D[hi]
+                    ) * float(x[bi, t, hi, pi])
+    return y, h
+
+
+def _scan_inputs(length, groups, seed=0, initial=True):
+    g = _gen(seed)
+    return (
+        torch.randn(B_, length, H, P, generator=g),
+        torch.rand(B_, length, H, generator=g) * 0.8,
+        -torch.rand(H, generator=g) * 2,
+        torch.randn(B_, length, groups, N, generator=g),
+        torch.randn(B_, length, groups, N, generator=g),
+        torch.randn(H, generator=g),
+        torch.randn(B_, H, P, N, generator=g) if initial else None,
+    )
+
+
+@pytest.mark.parametrize("length, groups, initial", [(1, 1, True), (7, 2, True), (13, 4, False), (16, 1, False)])
+def test_quadratic_scan_matches_the_recurrence(length, groups, initial):
+    args = _scan_inputs(length, groups, initial=initial)
+    y, state = quadratic_scan(*args)
+    y_ref, state_ref = _scan_loop(*args)
+    torch.testing.assert_close(y.double(), y_ref, **TOL)
+    torch.testing.assert_close(state.double(), state_ref, **TOL)
+
+
+@pytest.mark.parametrize("length", [5, 64, 130])
+def test_quadratic_scan_matches_transformers_chunk_scan_with_gradients(length):
+    """Values and gradients (the training path) agree with transformers' PyTorch chunk scan."""
+    chunk_scan = resolve_kernels(cpu_fast_paths=False).chunk_scan
+    args = [a.clone().requires_grad_(a.is_floating_point()) for a in _scan_inputs(length, 2, seed=3)]
+    x, dt, A, B, C, D, h0 = args
+    y_q, s_q = quadratic_scan(x, dt, A, B, C, D, h0)
+    grads_q = torch.autograd.grad((y_q.square().sum() + s_q.sum()), args)
+    y_c, s_c = chunk_scan(x, dt, A, B, C, chunk_size=32, D=D, z=None, dt_bias=None, dt_softplus=False,
+                          initial_states=h0, return_final_states=True)  # fmt: skip
+    grads_c = torch.autograd.grad((y_c.square().sum() + s_c.sum()), args)
+    torch.testing.assert_close(y_q, y_c, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_q, s_c, rtol=1e-4, atol=1e-4)
+    for gq, gc in zip(grads_q, grads_c):
+        torch.testing.assert_close(gq, gc, rtol=1e-3, atol=1e-3)
+
+
+def test_short_segments_take_the_quadratic_scan_on_cpu():
+    fast = resolve_kernels()
+    assert fast.quadratic_max == (QUADRATIC_SCAN_MAX if fast.torch_scan else 0)  # only where PyTorch scans
+    assert resolve_kernels(cpu_fast_paths=False).quadratic_max == 0

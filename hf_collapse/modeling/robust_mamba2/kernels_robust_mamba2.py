@@ -25,9 +25,11 @@ from transformers.models.mamba2 import modeling_mamba2 as _m2
 
 __all__ = [
     "Mamba2Kernels",
+    "QUADRATIC_SCAN_MAX",
     "TORCH_SCAN_CHUNK",
     "conv_update_cpu",
     "is_torch_fallback",
+    "quadratic_scan",
     "resolve_kernels",
     "ssm_update_cpu",
 ]
@@ -36,6 +38,9 @@ __all__ = [
 # short chunk is faster on CPU (measured: 64 is ~2x faster than 256 at 4K tokens for mamba2-130m shapes); the result
 # is the same up to rounding
 TORCH_SCAN_CHUNK = 64
+# up to this many tokens a segment is scanned in the quadratic (attention-like) form, where only PyTorch runs: one
+# (l × l) matrix per head beats the chunk scan's per-chunk passes and state hand-offs, forward and backward
+QUADRATIC_SCAN_MAX = 256
 
 
 def is_torch_fallback(fn: Callable) -> bool:
@@ -107,6 +112,56 @@ def ssm_update_cpu(
     return y.to(x.dtype)
 
 
+def quadratic_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    initial_states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSD scan of one segment in its quadratic ("attention") form: exact, no chunking.
+
+    With a_t = Δ_t·A and S_t = Σ_{s≤t} a_s (per head), the recurrence h_t = exp(a_t) h_{t-1} + Δ_t x_t B_tᵀ,
+    y_t = C_t h_t + D x_t unrolls to
+
+        y_t = Σ_{s≤t} exp(S_t − S_s) (C_t·B_s) Δ_s x_s  +  exp(S_t) C_t h_0  +  D x_t
+        h_l = exp(S_l) h_0 + Σ_s exp(S_l − S_s) Δ_s x_s B_sᵀ
+
+    Args:
+        x: (b, l, h, p); dt: (b, l, h) Δ, already softplus-ed and clamped; A: (h,); B, C: (b, l, g, n); D: (h,);
+        initial_states: (b, h, p, n) or None (zeros).
+
+    Returns:
+        y (b, l, h, p) in the dtype of ``x`` and the final state (b, h, p, n) float32, as ``mamba2_chunk_scan``
+        returns them. Memory grows with l², so it is meant for segments of at most ``QUADRATIC_SCAN_MAX`` tokens.
+    """
+    b, seq_len, heads, head_dim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    rep = heads // groups  # head i reads group i // rep, as transformers' repeat_interleave
+    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
+    S = torch.cumsum(dtf * A.float(), dim=1)  # (b, l, h)
+    St = S.transpose(1, 2)  # (b, h, l)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+    # S_t − S_s ≤ 0 on and below the diagonal; above it −inf, so exp gives exactly 0 and no overflow
+    decay = (St[:, :, :, None] - St[:, :, None, :]).masked_fill(~causal, float("-inf")).exp()  # (b, h, t, s)
+    # C_t·B_s once per group, not per head: with n_groups=1 and a large state this is most of the work saved
+    CB = torch.einsum("btgn,bsgn->bgts", Cf, Bf)  # (b, g, t, s)
+    scores = (decay.view(b, groups, rep, seq_len, seq_len) * CB[:, :, None]).view(b, heads, seq_len, seq_len)
+    u = dtf[..., None] * xf  # (b, l, h, p): Δ·x
+    y = torch.einsum("bhts,bshp->bthp", scores, u) + D.float()[:, None] * xf
+    to_end = (S[:, -1:] - S).exp()  # (b, l, h): exp(S_l − S_s)
+    w = (u * to_end[..., None]).reshape(b, seq_len, groups, rep * head_dim)
+    state = torch.einsum("bsgq,bsgn->bgqn", w, Bf).reshape(b, heads, head_dim, n)
+    if initial_states is not None:
+        h0 = initial_states.float()
+        carried = torch.einsum("btgn,bgqn->btgq", Cf, h0.reshape(b, groups, rep * head_dim, n))
+        y = y + carried.reshape(b, seq_len, heads, head_dim) * S.exp()[..., None]
+        state = state + St[:, :, -1].exp()[..., None, None] * h0
+    return y.to(x.dtype), state
+
+
 def _conv_update_wrapper(fn, x, conv_state, weight, bias, activation):
     # transformers' causal_conv1d_update works on (b, channels, l)
     return fn(x[..., None], conv_state, weight, bias, activation=activation)[..., 0]
@@ -142,6 +197,8 @@ class Mamba2Kernels:
     * ``torch_scan``: ``chunk_scan`` is the PyTorch reference and is called with a chunk of at most
       ``TORCH_SCAN_CHUNK``.
     * ``cpu_steps``: ``ssm_update`` is ``ssm_update_cpu`` (the PyTorch fallbacks are in use for decoding).
+    * ``quadratic_max``: segments of at most this many tokens go through ``quadratic_scan`` instead of
+      ``chunk_scan`` (0: never; ``QUADRATIC_SCAN_MAX`` where the chunk scan is the PyTorch reference).
     """
 
     chunk_scan: Callable
@@ -151,6 +208,7 @@ class Mamba2Kernels:
     fused_forward: bool
     torch_scan: bool
     cpu_steps: bool
+    quadratic_max: int = 0
 
     def scan_chunk(self, chunk_size: int, length: int) -> int:
         """The chunk to call ``chunk_scan`` with for ``length`` tokens (fused kernels keep the configured one)."""
@@ -170,6 +228,7 @@ def resolve_kernels(cpu_fast_paths: bool = True) -> Mamba2Kernels:
     """
     cpu_ssm = cpu_fast_paths and is_torch_fallback(_m2.mamba2_selective_state_update)
     cpu_conv = cpu_ssm and is_torch_fallback(_m2.causal_conv1d_update)
+    torch_scan = cpu_fast_paths and is_torch_fallback(_m2.mamba2_chunk_scan)
     return Mamba2Kernels(
         chunk_scan=_m2.mamba2_chunk_scan,
         conv_fn=_m2.causal_conv1d_fn,
@@ -178,6 +237,7 @@ def resolve_kernels(cpu_fast_paths: bool = True) -> Mamba2Kernels:
             ssm_update_cpu if cpu_ssm else functools.partial(_ssm_update_wrapper, _m2.mamba2_selective_state_update)
         ),
         fused_forward=not is_torch_fallback(_m2.mamba2_split_conv1d_scan_combined),
-        torch_scan=cpu_fast_paths and is_torch_fallback(_m2.mamba2_chunk_scan),
+        torch_scan=torch_scan,
         cpu_steps=cpu_ssm,
+        quadratic_max=QUADRATIC_SCAN_MAX if torch_scan else 0,
     )

@@ -38,7 +38,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
 from ..checkpoint_utils import SafeCheckpointMixin
 from .cache_robust_mamba2 import RobustMamba2Cache, RobustMamba2CacheLayer, as_robust_cache
 from .configuration_robust_mamba2 import RobustMamba2Config
-from .kernels_robust_mamba2 import resolve_kernels
+from .kernels_robust_mamba2 import quadratic_scan, resolve_kernels
 from .mitigations_robust_mamba2 import (
     SlidingWindowState,
     advance_window,
@@ -204,7 +204,11 @@ class RobustMamba2Mixer(Mamba2Mixer):
 
     # ------------------------------------------------------------------------------------------------------------
     def _scan(self, x, delta, A, B, C, initial_states):
-        """One chunk-scan call. x (b,l,h,p), delta (b,l,h), B, C (b,l,g,n) -> y (b,l,h,p), final state (b,h,p,n)."""
+        """One scan call. x (b,l,h,p), delta (b,l,h), B, C (b,l,g,n) -> y (b,l,h,p), final state (b,h,p,n).
+
+        Short segments without a fused kernel take the exact quadratic form (faster to train on CPU)."""
+        if x.shape[1] <= self.kernel_functions.quadratic_max:
+            return quadratic_scan(x, delta, A, B, C, self.D, initial_states)
         return self.kernel_functions.chunk_scan(
             x,
             delta,
