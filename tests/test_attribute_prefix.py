@@ -572,3 +572,68 @@ def test_sequence_log_likelihood_matches_peft_and_the_gate_uses_it(tmp_path):
     assert flipped["accuracy"] == 0.0
     with pytest.raises(ValueError, match="not attributes"):
         prefix_gate(am, tok, texts, ["happy", "sad"])
+
+
+def test_training_resumes_from_a_checkpoint_exactly(tmp_path):
+    """8 steps in one run equal 4 steps, a stop, and 4 more resumed from checkpoint-4 in a new trainer (the prefix
+    MLP, the optimizer and the data order all restored)."""
+
+    def trainer(out):
+        return AttributePrefixTrainer(
+            model=tiny_gpt2(),
+            args=_args(tmp_path, output_dir=str(out), per_device_train_batch_size=2, save_strategy="steps",
+                       save_steps=4, init_text=None),  # fmt: skip
+            train_dataset=toy_dataset(),
+            processing_class=tiny_tokenizer(),
+        )
+
+    straight = trainer(tmp_path / "straight")
+    straight.train()
+    from transformers import TrainerCallback
+
+    class StopAt4(TrainerCallback):  # a run killed after its first checkpoint
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 4
+
+    first = trainer(tmp_path / "stopped")
+    first.add_callback(StopAt4())
+    first.train()
+    ckpt = tmp_path / "stopped" / "checkpoint-4"
+    assert (ckpt / "prefix_encoders.safetensors").is_file() and (ckpt / "attribute_prefixes.json").is_file()
+    resumed = trainer(tmp_path / "stopped")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 8
+    for i in range(2):
+        torch.testing.assert_close(resumed.model.flat_prefix(i), straight.model.flat_prefix(i), rtol=1e-5, atol=1e-6)
+    # the final save is a plain attribute-prefix checkpoint: no training state in it
+    resumed.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "prefix_encoders.safetensors").exists()
+
+
+def test_resume_refuses_a_folder_without_training_state(tmp_path):
+    t = AttributePrefixTrainer(model=tiny_gpt2(), args=_args(tmp_path, init_text=None), train_dataset=toy_dataset(),
+                               processing_class=tiny_tokenizer())  # fmt: skip
+    t.save_model(str(tmp_path / "checkpoint-1"))  # looks like a checkpoint, written by save_model...
+    (tmp_path / "checkpoint-1" / "prefix_encoders.safetensors").unlink()  # ...but without the training state
+    with pytest.raises(FileNotFoundError, match="prefix_encoders.safetensors"):
+        t._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
+
+
+def test_early_stopping_keeps_the_best_prefixes(tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    t = AttributePrefixTrainer(
+        model=tiny_gpt2(),
+        args=_args(tmp_path, init_text=None, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                   load_best_model_at_end=True, metric_for_best_model="eval_loss", max_steps=12),  # fmt: skip
+        train_dataset=toy_dataset(),
+        eval_dataset=toy_dataset(1),
+        processing_class=tiny_tokenizer(),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=2)],
+    )
+    t.train()
+    best = t.state.best_model_checkpoint
+    assert best is not None
+    reference = ap.read_attribute_prefixes(best).prefixes
+    for i, attr in enumerate(t.model.attributes):
+        torch.testing.assert_close(t.model.flat_prefix(i).detach(), reference[attr])

@@ -130,3 +130,24 @@ def test_train_prefixes_then_generate(tmp_path, capsys):
     rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
                "--output_dir", str(tmp_path / "one"), "--use_cpu"])  # fmt: skip
     assert rc == 2 and "at least two attributes are needed" in capsys.readouterr().err
+
+
+def test_train_prefixes_early_stopping_and_resume_last(tmp_path, capsys):
+    from air_decoding_utils import tiny_gpt2, tiny_tokenizer, toy_dataset
+
+    model_dir = tmp_path / "lm"
+    tiny_gpt2().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    toy_dataset().to_json(str(data))
+    out = tmp_path / "prefixes"
+    common = ["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
+              "negative", "--output_dir", str(out), "--num_virtual_tokens", "4", "--per_device_train_batch_size", "4",
+              "--learning_rate", "1e-2", "--use_cpu", "--save_strategy", "steps", "--save_steps", "2"]  # fmt: skip
+    rc = main([*common, "--max_steps", "4", "--eval_data", str(data), "--eval_strategy", "steps", "--eval_steps", "2",
+               "--early_stopping_patience", "2"])  # fmt: skip
+    assert rc == 0 and (out / "checkpoint-4" / "prefix_encoders.safetensors").is_file()
+    rc = main([*common, "--max_steps", "6", "--resume_from_checkpoint", "last"])
+    assert rc == 0 and "resuming from" in capsys.readouterr().out and (out / "checkpoint-6").is_dir()
+    assert main([*common, "--early_stopping_patience", "2"]) == 2  # no --eval_data
+    assert "needs --eval_data" in capsys.readouterr().err

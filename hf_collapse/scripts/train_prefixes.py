@@ -3,8 +3,12 @@
     hf-collapse train-prefixes --model M --data train.jsonl --attributes positive negative --output_dir prefixes \
         --num_train_epochs 1 --per_device_train_batch_size 8 --learning_rate 1e-2
 
-Options are `TrainPrefixesScriptArguments` (the base model and the data file) and every field of
-`AttributePrefixConfig` under its `TrainingArguments` name.
+Options are `TrainPrefixesScriptArguments` (the base model, the data files, early stopping, the quality gate) and
+every field of `AttributePrefixConfig` under its `TrainingArguments` name. Long runs: `--save_strategy steps
+--save_steps N` writes resumable checkpoints; `--resume_from_checkpoint last` (or a checkpoint folder) continues a
+stopped run where it left off. Training to convergence: `--eval_data held_out.jsonl --eval_strategy steps
+--eval_steps N --save_steps N --early_stopping_patience 3` stops when the held-out loss stops improving and keeps the
+best prefixes.
 """
 
 from __future__ import annotations
@@ -33,13 +37,27 @@ class TrainPrefixesScriptArguments:
                   "--gate_min."},
     )  # fmt: skip
     gate_min: float = field(default=0.8, metadata={"help": "Least gate accuracy; below it the command exits with 3."})
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out JSON-lines file (same columns) for the next-token loss during training (set "
+                  "--eval_strategy steps --eval_steps N)."},
+    )  # fmt: skip
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop when the held-out loss has not improved for this many evaluations, and keep the best "
+                  "prefixes (needs --eval_data; sets load_best_model_at_end with metric eval_loss)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        for name in ("data", "gate_data"):
+        for name in ("data", "gate_data", "eval_data"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise CommandError(f"--{name} {path!r} is not a file")
         check_number("--", "gate_min", self.gate_min, minimum=0.0, maximum=1.0)
+        check_number("--", "early_stopping_patience", self.early_stopping_patience, integer=True, minimum=1,
+                     allow_none=True)  # fmt: skip
+        if self.early_stopping_patience is not None and self.eval_data is None:
+            raise CommandError("--early_stopping_patience needs --eval_data (the held-out loss it watches)")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -52,10 +70,26 @@ def main(argv: Sequence[str]) -> int:
     script_args, config = parse_args([TrainPrefixesScriptArguments, AttributePrefixConfig], argv,
                                      prog="hf-collapse train-prefixes")  # fmt: skip
     ds = load_dataset("json", data_files=script_args.data, split="train")
+    eval_ds = load_dataset("json", data_files=script_args.eval_data, split="train") if script_args.eval_data else None
+    callbacks = []
+    if script_args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        if config.eval_strategy == "no":
+            raise CommandError("--early_stopping_patience needs evaluations: add --eval_strategy steps --eval_steps N")
+        config.load_best_model_at_end, config.metric_for_best_model, config.greater_is_better = True, "eval_loss", False
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=script_args.early_stopping_patience))
+    resume = config.resume_from_checkpoint
+    if resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        print(f"resuming from {resume}" if resume else f"no checkpoint in {config.output_dir}: starting afresh")
     tok = AutoTokenizer.from_pretrained(script_args.model)
     model = AutoModelForCausalLM.from_pretrained(script_args.model)
-    trainer = AttributePrefixTrainer(model=model, args=config, train_dataset=ds, processing_class=tok)
-    trainer.train()
+    trainer = AttributePrefixTrainer(model=model, args=config, train_dataset=ds, eval_dataset=eval_ds,
+                                     processing_class=tok, callbacks=callbacks)  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     print(f"saved attribute prefixes {config.attributes} to {config.output_dir}")
     if script_args.gate_data is None:

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..model_cards import make_model_card
 from ..modeling.attribute_prefixes import (
@@ -30,12 +32,16 @@ from ..modeling.attribute_prefixes import (
     save_attribute_prefixes,
     validate_attribute_names,
 )
+from ..modeling.checkpoint_utils import check_safetensors_files
 from ..validation import check_finite_fields, check_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
-__all__ = ["AttributePrefixConfig", "AttributePrefixTrainer"]
+__all__ = ["AttributePrefixConfig", "AttributePrefixTrainer", "TRAINING_STATE"]
+
+# the prefix encoders' parameters, beside the attribute-prefix checkpoint: what resume_from_checkpoint reads
+TRAINING_STATE = "prefix_encoders.safetensors"
 
 
 @dataclass
@@ -278,7 +284,38 @@ class AttributePrefixTrainer(Trainer):
         start_id = self._start_token_id(self.processing_class, self.args)
         conditioning = {START_TEXT: self.processing_class.convert_ids_to_tokens(start_id), START_TOKEN_ID: start_id}
         save_attribute_prefixes(prefix_lm, output_dir, model_card=self._model_card(prefix_lm), extra_index=conditioning)
+        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            # a Trainer checkpoint: training resumes from the encoders themselves (with prefix_projection their MLP
+            # is not recoverable from the materialised prefixes), written whole or not at all
+            tmp = os.path.join(output_dir, f".{TRAINING_STATE}.tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in prefix_lm.encoders.state_dict().items()}, tmp)
+            os.replace(tmp, os.path.join(output_dir, TRAINING_STATE))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_prefix_training_state(self, checkpoint_dir: str) -> None:
+        path = os.path.join(checkpoint_dir, TRAINING_STATE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint_dir} has no {TRAINING_STATE}: it was not written by AttributePrefixTrainer (or by a "
+                "version before resumable training), so training cannot resume from it"
+            )
+        check_safetensors_files(checkpoint_dir)
+        prefix_lm: AttributePrefixLM = self.accelerator.unwrap_model(self.model)
+        state = load_file(path)
+        expected = prefix_lm.encoders.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            raise ValueError(
+                f"{path} does not match this run's prefixes (attributes {prefix_lm.attributes}, "
+                f"{prefix_lm.shape.num_virtual_tokens} virtual tokens, prefix_projection="
+                f"{self.args.prefix_projection}); resume with the configuration the checkpoint was trained with"
+            )
+        prefix_lm.encoders.load_state_dict(state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_prefix_training_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_prefix_training_state(self.state.best_model_checkpoint)
 
     def _model_card(self, prefix_lm: AttributePrefixLM) -> ModelCard:
         """The checkpoint's card, from the ``attribute_prefixes`` template in ``hub_cards/``."""
