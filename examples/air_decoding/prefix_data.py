@@ -1,0 +1,107 @@
+"""Training data for prefixes trained to convergence: `{task}_train.jsonl`, `{task}_eval.jsonl` (held-out loss
+curve) and `{task}_gate.jsonl` (the prefix quality gate), as `{"text", "attribute"}` lines for
+`hf-collapse train-prefixes`.
+
+This script uses data OUTSIDE the repository (../shared/data; see ../shared/data/PROVENANCE.md):
+
+* sentiment (positive / negative): Rotten Tomatoes polarity (`sentiment/rt_polarity/`). Every sentence that also
+  occurs in SST-2's labelled held-out sentences (`sentiment/sst2_alps/test.tsv`, the GLUE SST-2 dev set, and
+  `dev.tsv`) is removed by normalised match (lower case, letters and digits only), since SST is built from the same
+  snippets; the gate set is `sst2_alps/test.tsv`.
+* topic (world / sports / business / science): the Air-Decoding AG News 4 × 5k texts; gate: AG News test
+  (`topic/agnews_alps/test.tsv`; the provenance notes report no overlap with the 4 × 5k, rechecked here).
+* detox (nontoxic / toxic): four fifths of `air_decoding/jigsaw_10k.json` (`transformer_judges.jigsaw_split`); the
+  held-out fifth is the gate set and the toxicity judge's test set, never trained on.
+
+5% of each task's training texts (seeded, per attribute) are set aside as `{task}_eval.jsonl`.
+
+    python examples/air_decoding/prefix_data.py --out runs/prefix_data
+    hf-collapse train-prefixes --model ~/.cache/hf_collapse/smollm2-135m --data runs/prefix_data/sentiment_train.jsonl \\
+        --eval_data runs/prefix_data/sentiment_eval.jsonl --attributes positive negative \\
+        --output_dir runs/prefixes/sentiment --num_train_epochs 5 --per_device_train_batch_size 8 \\
+        --learning_rate 1e-2 --prefix_projection false --init_text "The movie" --max_length 64 \\
+        --eval_strategy steps --eval_steps 200 --save_strategy steps --save_steps 200 --save_total_limit 3 \\
+        --early_stopping_patience 3 --resume_from_checkpoint last --use_cpu \\
+        --gate_data runs/prefix_data/sentiment_gate.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from transformer_judges import _ALPS_TOPIC, SHARED, TOPICS, _jsonl, _tsv, jigsaw_split, normalise  # noqa: E402
+
+
+def sentiment() -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
+    rt = SHARED / "sentiment" / "rt_polarity"
+    rows = [(line.strip(), attr) for attr, fn in (("positive", "rt-polarity.pos"), ("negative", "rt-polarity.neg"))
+            for line in (rt / fn).read_text("utf-8", errors="replace").splitlines() if line.strip()]  # fmt: skip
+    sst = SHARED / "sentiment" / "sst2_alps"
+    test = _tsv(sst / "test.tsv", header=True)
+    held = {normalise(r[0]) for r in test} | {normalise(r[0]) for r in _tsv(sst / "dev.tsv", header=True)}
+    kept = [r for r in rows if normalise(r[0]) not in held]
+    gate = [(r[0], "positive" if r[1] == "1" else "negative") for r in test]
+    return kept, gate, {"source": len(rows), "removed_in_sst2_held_out": len(rows) - len(kept)}
+
+
+def topic() -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
+    rows = [(r["text"], TOPICS[r["label"]]) for t in TOPICS
+            for r in _jsonl(SHARED / "air_decoding" / "decoded" / f"agnews_5k_{t}.jsonl")]  # fmt: skip
+    gate = [(r[0], _ALPS_TOPIC[r[1]]) for r in _tsv(SHARED / "topic" / "agnews_alps" / "test.tsv", header=False)]
+    held = {normalise(t) for t, _ in gate}
+    kept = [r for r in rows if normalise(r[0]) not in held]
+    return kept, gate, {"source": len(rows), "removed_in_ag_news_test": len(rows) - len(kept)}
+
+
+def detox() -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
+    names = {0: "toxic", 1: "nontoxic"}
+    train, held = jigsaw_split()
+    gate = [(r["text"], names[r["label"]]) for r in held]
+    held_norm = {normalise(t) for t, _ in gate}
+    rows = [(r["text"], names[r["label"]]) for r in train]
+    kept = [r for r in rows if normalise(r[0]) not in held_norm]  # exact duplicates across the split
+    return kept, gate, {"source": len(rows), "removed_duplicates_of_held_out": len(rows) - len(kept)}
+
+
+def write(path: Path, rows: list[tuple[str, str]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text, attr in rows:
+            f.write(json.dumps({"text": text, "attribute": attr}) + "\n")
+    tmp.replace(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/prefix_data")
+    p.add_argument("--eval_fraction", type=float, default=0.05)
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for task, build in (("sentiment", sentiment), ("topic", topic), ("detox", detox)):
+        rows, gate, info = build()
+        rng = np.random.default_rng(0)
+        eval_idx = set()
+        for attr in sorted({r[1] for r in rows}):
+            idx = [i for i, r in enumerate(rows) if r[1] == attr]
+            eval_idx.update(rng.choice(idx, int(len(idx) * a.eval_fraction), replace=False).tolist())
+        train = [r for i, r in enumerate(rows) if i not in eval_idx]
+        write(out / f"{task}_train.jsonl", [train[i] for i in rng.permutation(len(train))])
+        write(out / f"{task}_eval.jsonl", [rows[i] for i in sorted(eval_idx)])
+        write(out / f"{task}_gate.jsonl", gate)
+        report[task] = {**info, "train": len(train), "eval": len(eval_idx), "gate": len(gate)}
+        print(task, report[task], flush=True)
+    (out / "prefix_data.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
