@@ -1,0 +1,203 @@
+"""Evaluate the emergent-collapse runs of `emergent_training.py`: loss past the training length against each model's
+own in-window loss, with 95% intervals, the state norms per head, and each training-free mitigation.
+
+This script uses data OUTSIDE the repository: the held-out part of ``../shared/data/corpus`` defined in
+`emergent_training.load_corpus` (never trained on).
+
+    python examples/state_collapse/emergent_eval.py --runs runs/emergent/t128_s0 runs/emergent/t128_s1 \\
+        runs/emergent/t128_dtmin runs/emergent/t1024_s0 --length 65536 --sequences 8 \\
+        --out examples/state_collapse/emergent
+
+Per run (its `model/` folder and `run_args.json`):
+* the evaluation sequences: `--sequences` consecutive, non-overlapping `--length`-byte pieces of the held-out text
+  (documents concatenated), streamed as one batch through the cache;
+* the same tokens with the state reset every T_train tokens (the model's own in-window regime): per bucket of
+  positions, the paired difference streamed − reset, averaged over sequences, with a t-interval;
+* the in-window baseline over `--windows` random held-out windows of T_train bytes;
+* mitigations, each calibrated on training-text windows of length T_train only: `state_norm_max` (caps,
+  `calibrate_state_norms`), per-head `decay_scale` (`calibrate_decay_scales`), and `sliding_window` = T_train.
+
+Writes `<out>/emergent_eval.json`, `emergent_eval.md`, `emergent_loss.png` and `emergent_state_norms.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+RANGES = [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 64)]  # in multiples of 1024 positions
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+@torch.no_grad()
+def per_token_loss(model, ids: torch.Tensor, reset_every: int | None, step: int = 1024):
+    """Loss of every prediction `(batch, T−1)` (index p: the token at position p+1), and the state norm per (layer,
+    head) after each piece `[(position, (layers, heads) norms averaged over the batch)]`. With `reset_every` the state
+    starts from zero every that many tokens, and the first token after a reset (no prediction) is NaN."""
+    from hf_collapse.evals.common import recurrent_states, state_statistics
+
+    losses, norms, cache, prev, start = [], [], None, None, 0
+    while start < ids.shape[1]:
+        end = min(ids.shape[1], start + step)
+        if reset_every is not None:
+            if start % reset_every == 0:
+                cache, prev = None, None
+            end = min(end, (start // reset_every + 1) * reset_every)
+        out = model(ids[:, start:end], cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits.float()
+        if prev is None:
+            if start > 0:
+                losses.append(torch.full((ids.shape[0], 1), float("nan")))
+            preds, targets = logits[:, :-1], ids[:, start + 1 : end]
+        else:
+            preds, targets = torch.cat([prev, logits[:, :-1]], 1), ids[:, start:end]
+        losses.append(F.cross_entropy(preds.transpose(1, 2), targets, reduction="none"))
+        prev = logits[:, -1:]
+        states = recurrent_states(cache)
+        if states is not None and reset_every is None:
+            norms.append((end, state_statistics(states)["norm"]))
+        start = end
+    return torch.cat(losses, 1), norms
+
+
+def bucket_table(stream: torch.Tensor, reset: torch.Tensor) -> list[dict]:
+    rows = []
+    for lo, hi in RANGES:
+        a, b = lo * 1024, min(hi * 1024, stream.shape[1])
+        if a >= b:
+            break
+        s, r = stream[:, a:b], reset[:, a:b]
+        ok = ~torch.isnan(r)
+        per_seq = [float(s[i][ok[i]].mean() - r[i][ok[i]].mean()) for i in range(stream.shape[0])]
+        m, h = t_interval(per_seq)
+        rows.append({"positions": f"{lo}K-{hi}K", "stream": float(s.mean()), "reset": float(r[ok].mean()),
+                     "diff": m, "diff_ci": h})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--out", default=str(HERE / "emergent"))
+    p.add_argument("--length", type=int, default=65536)
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--windows", type=int, default=256)
+    p.add_argument("--calibration_windows", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from emergent_training import DATA, load_corpus
+
+    from hf_collapse import RobustMamba2ForCausalLM, calibrate_decay_scales, calibrate_state_norms
+
+    train_bytes, held_bytes = load_corpus(DATA)
+    need = a.length * a.sequences
+    if len(held_bytes) < need:
+        raise SystemExit(f"held-out text has {len(held_bytes)} bytes, {need} needed; lower --length or --sequences")
+    held = torch.from_numpy(np.frombuffer(held_bytes, dtype=np.uint8).astype(np.int64))
+    seqs = held[:need].view(a.sequences, a.length)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for run in map(Path, a.runs):
+        args = json.loads((run / "run_args.json").read_text())
+        T = args["train_length"]
+        rng = np.random.default_rng(0)
+        train_ids = torch.from_numpy(np.frombuffer(train_bytes, dtype=np.uint8).astype(np.int64))
+        calib = torch.stack([train_ids[s : s + T] for s in rng.integers(0, len(train_ids) - T, a.calibration_windows)])
+        windows = torch.stack([held[s : s + T] for s in rng.integers(0, len(held) - T, a.windows)])
+        variants = {"none": {}}
+        base = RobustMamba2ForCausalLM.from_pretrained(run / "model").eval()
+        variants["state_norm_max"] = {"state_norm_max": calibrate_state_norms(base, calib, every=16),
+                                      "state_norm_every": 16}  # fmt: skip
+        variants["decay_scale"] = {"decay_scale": calibrate_decay_scales(base, calib)}
+        variants["sliding_window"] = {"sliding_window": T}
+        res = {"train_length": T, "variants": {}}
+        with torch.no_grad():
+            logits = base(windows).logits.float()
+        res["in_window_loss"] = float(F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:]).mean())
+        reset, _ = per_token_loss(base, seqs, reset_every=T)
+        for name, fields in variants.items():
+            model = RobustMamba2ForCausalLM.from_pretrained(run / "model", **fields).eval()
+            stream, norms = per_token_loss(model, seqs, reset_every=None)
+            res["variants"][name] = {"fields": fields if name != "state_norm_max" else "calibrated",
+                                     "buckets": bucket_table(stream, reset), "state_norms": norms}  # fmt: skip
+            print(run.name, name, [(b["positions"], round(b["diff"], 3)) for b in res["variants"][name]["buckets"]],
+                  flush=True)  # fmt: skip
+        results[run.name] = res
+    (out / "emergent_eval.json").write_text(json.dumps(results, indent=2))
+    lines = []
+    for run, res in results.items():
+        lines += [f"### {run} (T_train = {res['train_length']}; in-window loss over {a.windows} held-out windows: "
+                  f"{res['in_window_loss']:.3f} nats/byte)", "",
+                  "| mitigation | " + " | ".join(b["positions"] for b in res["variants"]["none"]["buckets"]) + " |",
+                  "|---|" + "---|" * len(res["variants"]["none"]["buckets"])]  # fmt: skip
+        for name, v in res["variants"].items():
+            cells = [f"{b['diff']:+.3f} ± {b['diff_ci']:.3f}" for b in v["buckets"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "Streamed loss minus the same tokens' loss with the state reset every T_train (nats/byte; mean over "
+    text += f"{a.sequences} held-out sequences ± 95% t-interval)\n\n" + "\n".join(lines)
+    (out / "emergent_eval.md").write_text(text)
+    plot(results, out)
+    print(text)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, (run, res) in zip(axes[0], results.items()):
+        for name, v in res["variants"].items():
+            x = list(range(len(v["buckets"])))
+            m = [b["diff"] for b in v["buckets"]]
+            h = [0.0 if math.isnan(b["diff_ci"]) else b["diff_ci"] for b in v["buckets"]]
+            ax.errorbar(x, m, yerr=h, capsize=3, marker="o", label=name)
+            ax.set_xticks(x, [b["positions"] for b in v["buckets"]], rotation=45)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_title(f"{run} (T_train {res['train_length']})")
+        ax.set_ylabel("streamed − reset loss (nats/byte)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "emergent_loss.png", dpi=110)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, (run, res) in zip(axes[0], results.items()):
+        norms = res["variants"]["none"]["state_norms"]
+        pos = [n[0] for n in norms]
+        for layer in range(len(norms[0][1])):
+            for head in range(len(norms[0][1][layer])):
+                ax.plot(pos, [n[1][layer][head] for n in norms], lw=0.7)
+        ax.axvline(res["train_length"], color="gray", ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{run}: state norm per (layer, head), no mitigation")
+        ax.set_xlabel("position")
+    fig.tight_layout()
+    fig.savefig(out / "emergent_state_norms.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
