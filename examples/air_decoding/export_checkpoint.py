@@ -2,8 +2,9 @@
 
     python examples/air_decoding/export_checkpoint.py --task sentiment   # -> checkpoints/smollm2-135m-sentiment-prefixes
     python examples/air_decoding/export_checkpoint.py --task topic       # -> checkpoints/smollm2-135m-topic-prefixes
+    python examples/air_decoding/export_checkpoint.py --task detox       # -> checkpoints/smollm2-135m-detox-prefixes
 
-Reads the attribute prefixes written by `run_experiment.py train` (in $HF_COLLAPSE_CACHE/experiment/prefixes_<task>)
+Reads the attribute prefixes written by `run_experiment.py train` (in runs/prefixes/<task>)
 and writes them again with `hf_collapse.modeling.attribute_prefixes.write_attribute_prefixes`: the Hub base model is
 named in `attribute_prefixes.json` and in every `adapter_config.json`, the prompt prefix the prefixes were trained with
 is recorded (`start_text`, `start_token_id`: `AttributePrefixModel` applies it itself), the model card carries the experiment's table from docs/air_decoding.md, and the Trainer's
@@ -13,18 +14,19 @@ pickled `training_args.bin` is left behind (bundled checkpoints hold safetensors
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-CACHE = Path(os.environ.get("HF_COLLAPSE_CACHE", Path.home() / ".cache" / "hf_collapse"))
 START = "<|endoftext|>"
 START_ID = 0  # SmolLM2's <|endoftext|>
 
 
 def experiment_table(task: str) -> str:
-    """The task's results table from docs/air_decoding.md (sentiment: the first table, topic: the second)."""
+    """The task's protocol table (`protocol_results_<task>.md`), else the earlier table in docs/air_decoding.md."""
+    protocol = HERE / f"protocol_results_{task}.md"
+    if protocol.is_file():
+        return protocol.read_text()
     lines = (REPO / "docs" / "air_decoding.md").read_text().splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("| method | λ |")]
     which = 0 if task == "sentiment" else 1
@@ -40,11 +42,11 @@ def experiment_table(task: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--task", choices=["sentiment", "topic"], default="sentiment")
+    p.add_argument("--task", choices=["sentiment", "topic", "detox"], default="sentiment")
     p.add_argument("--src", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    src = Path(a.src or CACHE / "experiment" / f"prefixes_{a.task}")
+    src = Path(a.src or REPO / "runs" / "prefixes" / a.task)
     out = Path(a.out or REPO / "checkpoints" / f"smollm2-135m-{a.task}-prefixes")
 
     from peft import PrefixTuningConfig

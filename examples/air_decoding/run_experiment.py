@@ -1,89 +1,74 @@
-"""Attribute collapse on a real LM: Air-Decoding vs naive weighted decoding with SmolLM2-135M.
+"""Attribute collapse on a real LM, with the Air-Decoding paper's protocol: Air-Decoding vs weighted decoding on
+SmolLM2-135M, sentiment, topic and detoxification, judged by transformer classifiers, with the official GPT2-medium
+outputs as reference lines.
 
-Uses data from ``../shared/data`` (the sibling ``shared`` checkout next to this repository; override with
-``--data``), and the SmolLM2-135M safetensors copy made by ``prepare_smollm2.py``. Stages (run in order)::
+This script uses data OUTSIDE the repository (``../shared/data``; override with ``--data`` or ``HF_COLLAPSE_DATA``):
+prompts and official outputs from ``air_decoding/``, and what ``prefix_data.py`` and ``transformer_judges.py`` read.
+Stages (each resumable; run in order)::
 
-    python examples/air_decoding/prepare_smollm2.py
-    python examples/air_decoding/run_experiment.py train    --task sentiment   # prefixes on Rotten Tomatoes
-    python examples/air_decoding/run_experiment.py judge    --task sentiment   # classifier on SST-2 (shares sentences with RT!)
-    python examples/air_decoding/run_experiment.py generate --task sentiment   # lambda x method grid
-    python examples/air_decoding/run_experiment.py report   --task sentiment   # table + plot
+    python examples/air_decoding/prepare_smollm2.py                    # SmolLM2-135M safetensors, once
+    python examples/air_decoding/run_experiment.py data                # prefix_data.py -> runs/prefix_data
+    python examples/air_decoding/run_experiment.py train    --task sentiment   # to convergence, resumable
+    python examples/air_decoding/run_experiment.py judge    --task sentiment   # transformer_judges.py
+    python examples/air_decoding/run_experiment.py generate --task sentiment   # the sweep, fused path
+    python examples/air_decoding/run_experiment.py report   --task sentiment   # tables + collapse plot
 
-Outputs: prefixes and judges in ``~/.cache/hf_collapse/experiment`` (not committed); generations, the table
-(``results_<task>.md``/``.json``) and the plot (``collapse_<task>.png``) in this folder.
-Everything runs on CPU with ``torch.set_num_threads(--threads)`` (default 1).
+Protocol (item 5 of issue 10): the paper's prompts (15 sentiment, 20 topic, 203 detoxification), 50 new tokens,
+``do_sample=True, top_k=200``, ``--samples`` (default 10) per prompt and target, the same seed for every method and
+strength. Sweep: λ ∈ {10, 40, 60, 100, 140, 250, 500} for Air-Decoding and {10, 40, 140, 500} for weighted decoding
+(sentiment, topic); detox: plain and Air-Decoding at λ = 120 (the official strength) toward ``nontoxic``.
+Reported per (method, λ): accuracy per target under the transformer judge with a 95% interval (bootstrap over
+prompts, which keeps a prompt's samples together), perplexity of the continuation under the base LM without prefix
+(mean, median), Dist-1/2/3; detox: the average over prompts of the maximum toxicity probability of its samples and
+the fraction of prompts with any continuation judged toxic (p > 0.5). The official outputs are scored by the same
+judges and the same perplexity model.
+
+Outputs: prefixes, judges and runs under ``runs/`` (not committed); the loss curve
+(``protocol_prefixes_<task>.json``), generations (``protocol_generations_<task>.jsonl``), tables
+(``protocol_results_<task>.md``/``.json``) and plots (``protocol_collapse_<task>.png``) in this folder. (The files
+without the ``protocol_`` prefix are the earlier, smaller run of commit 608ccf9's version of this script.)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import random
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DATA = Path(os.environ.get("HF_COLLAPSE_DATA", REPO.parent / "shared" / "data"))
-CACHE = Path(os.environ.get("HF_COLLAPSE_CACHE", Path.home() / ".cache" / "hf_collapse"))
-LM_DIR = CACHE / "smollm2-135m"
-WORK = CACHE / "experiment"
-START = "<|endoftext|>"  # put before every training text and every prompt (SmolLM2's document separator)
+LM_DIR = Path(os.environ.get("HF_COLLAPSE_CACHE", Path.home() / ".cache" / "hf_collapse")) / "smollm2-135m"
+RUNS = REPO / "runs"
+OUT = HERE  # where tables, plots and generations go (--results_dir)
+START = "<|endoftext|>"  # SmolLM2's document separator: the conditioning the prefixes train with
 
 TASKS = {
-    "sentiment": {"attributes": ["positive", "negative"], "prompts": "air_decoding/prompt_sent.jsonl"},
-    "topic": {"attributes": ["world", "sports", "business", "science"], "prompts": "air_decoding/prompt_topic.jsonl"},
-}
-
-
-# ------------------------------------------------------------------------------------------------ data
-def prefix_training_texts(task: str, data: Path, per_attribute: int) -> tuple[list[str], list[str]]:
-    rng = random.Random(0)
-    texts, attrs = [], []
-    if task == "sentiment":  # Rotten Tomatoes sentence polarity (Pang & Lee), 5,331 per class
-        for attr, fn in (("positive", "rt-polarity.pos"), ("negative", "rt-polarity.neg")):
-            lines = [x.strip() for x in (data / "sentiment/rt_polarity" / fn).read_text("utf-8").splitlines()]
-            lines = [x for x in lines if x]
-            rng.shuffle(lines)
-            texts += lines[:per_attribute]
-            attrs += [attr] * len(lines[:per_attribute])
-    else:  # the Air-Decoding AG News 5k-per-class files
-        for attr in TASKS["topic"]["attributes"]:
-            rows = [json.loads(x) for x in (data / f"air_decoding/decoded/agnews_5k_{attr}.jsonl").open()]
-            rows = [r["text"].strip() for r in rows if r["text"].strip()]
-            rng.shuffle(rows)
-            texts += rows[:per_attribute]
-            attrs += [attr] * len(rows[:per_attribute])
-    return texts, attrs
-
-
-def judge_data(task: str, data: Path):
-    """(train, test) lists of (text, label). Sentiment: NOT disjoint from the rt-polarity prefix data (SST reuses its
-    snippets; see docs/air_decoding.md). Topic: AG News dev/test, checked disjoint from the agnews_5k prefix texts."""
-
-    def tsv(path, header):
-        with open(path, encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        return rows[1:] if header else rows
-
-    if task == "sentiment":  # SST-2 (alps split): train for training, GLUE dev (test.tsv) for held-out accuracy
-        lab = {"1": "positive", "0": "negative"}
-        train = [(r[0], lab[r[1]]) for r in tsv(data / "sentiment/sst2_alps/train.tsv", True)]
-        test = [(r[0], lab[r[1]]) for r in tsv(data / "sentiment/sst2_alps/test.tsv", True)]
-    else:  # AG News dev for training, the official test set for held-out accuracy
-        lab = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "science"}
-        train = [(r[0], lab[r[1]]) for r in tsv(data / "topic/agnews_alps/dev.tsv", False) if r[1] in lab]
-        test = [(r[0], lab[r[1]]) for r in tsv(data / "topic/agnews_alps/test.tsv", False) if r[1] in lab]
-    return train, test
+    "sentiment": {"attributes": ["positive", "negative"], "targets": ["positive", "negative"],
+                  "prompts": "prompt_sent.jsonl", "judge": "sentiment",
+                  "official": ("Air_sentiment_140.0.jsonl", "sentiment", 140.0),
+                  "air": [10, 40, 60, 100, 140, 250, 500], "weighted": [10, 40, 140, 500], "init_text": "The movie"},
+    "topic": {"attributes": ["world", "sports", "business", "science"],
+              "targets": ["world", "sports", "business", "science"], "prompts": "prompt_topic.jsonl",
+              "judge": "topic", "official": ("Air_topic_60.0.jsonl", "topic", 60.0),
+              "air": [10, 40, 60, 100, 140, 250, 500], "weighted": [10, 40, 140, 500], "init_text": "The news"},
+    "detox": {"attributes": ["nontoxic", "toxic"], "targets": ["nontoxic"], "prompts": "prompt_detoxification.jsonl",
+              "judge": "toxicity", "official": ("Air_detoxification_120.0.jsonl", None, 120.0),
+              "air": [120], "weighted": [], "init_text": "The comment"},
+}  # fmt: skip
 
 
 def load_prompts(task: str, data: Path) -> list[str]:
-    return [json.loads(x)["prompt"] for x in (data / TASKS[task]["prompts"]).open() if x.strip()]
+    return [json.loads(x)["prompt"] for x in (data / "air_decoding" / TASKS[task]["prompts"]).open() if x.strip()]
 
 
 def load_lm():
@@ -94,268 +79,273 @@ def load_lm():
     return AutoModelForCausalLM.from_pretrained(LM_DIR).eval(), AutoTokenizer.from_pretrained(LM_DIR)
 
 
-# ------------------------------------------------------------------------------------------------ judge
-JUDGE_BUCKETS = 1 << 20
+# ------------------------------------------------------------------------------------------------ stages
+def stage_train(task: str, a) -> None:
+    """Prefixes to convergence: early stopping on the held-out loss, resumable, gate on the held-out set."""
+    from hf_collapse.scripts.train_prefixes import main as train_prefixes
+
+    data = RUNS / "prefix_data"
+    if not (data / f"{task}_train.jsonl").exists():
+        raise SystemExit(f"{data / f'{task}_train.jsonl'} missing: run the 'data' stage first")
+    out = RUNS / "prefixes" / task
+    rc = train_prefixes([
+        "--model", str(LM_DIR), "--data", str(data / f"{task}_train.jsonl"),
+        "--eval_data", str(data / f"{task}_eval.jsonl"), "--gate_data", str(data / f"{task}_gate.jsonl"),
+        "--gate_min", "0", "--attributes", *TASKS[task]["attributes"], "--output_dir", str(out),
+        "--num_virtual_tokens", "20", "--prefix_projection", "false", "--init_text", TASKS[task]["init_text"],
+        "--start_token", START, "--max_length", "64", "--num_train_epochs", str(a.epochs),
+        "--per_device_train_batch_size", "16", "--learning_rate", str(a.lr), "--lr_scheduler_type", "constant",
+        "--warmup_steps", "0.02", "--weight_decay", "0.0", "--logging_steps", "20", "--eval_strategy", "steps",
+        "--eval_steps", str(a.eval_steps), "--save_strategy", "steps", "--save_steps", str(a.eval_steps),
+        "--save_total_limit", "2", "--early_stopping_patience", "3", "--resume_from_checkpoint", "last",
+        "--use_cpu", str(not torch.cuda.is_available()).lower(), "--seed", "0", "--disable_tqdm", "true",
+        "--max_steps", str(a.max_steps),
+    ])  # fmt: skip
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out))
+    history = json.loads((Path(last) / "trainer_state.json").read_text())["log_history"] if last else []
+    curve = [{k: r[k] for k in ("step", "loss", "eval_loss", "epoch") if k in r} for r in history]
+    (OUT / f"protocol_prefixes_{task}.json").write_text(json.dumps({"task": task, "exit_code": rc, "curve": curve},
+                                                                     indent=2))  # fmt: skip
 
 
-def train_judge(task: str, data: Path) -> dict:
-    """Logistic regression on hashed unigram+bigram counts (no sklearn here): hf_collapse's HashedBowJudge."""
-    from hf_collapse.evals.sentiment_judge import HashedBowJudge
-
-    train, test = judge_data(task, data)
-    judge = HashedBowJudge(TASKS[task]["attributes"], n_buckets=JUDGE_BUCKETS)
-    judge.fit([t for t, _ in train], [y for _, y in train], epochs=3, lr=0.05, seed=0)
-    pred = judge.predict([t for t, _ in test])
-    acc = sum(p == y for p, (_, y) in zip(pred, test)) / len(test)
-    WORK.mkdir(parents=True, exist_ok=True)
-    judge.save_pretrained(WORK / f"judge_{task}", dtype=torch.float32)
-    info = {"task": task, "train_size": len(train), "test_size": len(test), "held_out_accuracy": acc}
-    (HERE / f"judge_{task}.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(info)
-    return info
+def stage_judge(task: str) -> None:
+    subprocess.run([sys.executable, str(HERE / "transformer_judges.py"), "--task", TASKS[task]["judge"]], check=True)
 
 
-def load_judge(task: str):
-    from hf_collapse.evals.sentiment_judge import HashedBowJudge
-
-    return HashedBowJudge.from_pretrained(WORK / f"judge_{task}")
-
-
-# ------------------------------------------------------------------------------------------------ prefixes
-def train_prefixes(task: str, data: Path, a) -> None:
-    from datasets import Dataset
-
-    from hf_collapse import AttributePrefixConfig, AttributePrefixTrainer
-
-    model, tok = load_lm()
-    texts, attrs = prefix_training_texts(task, data, a.per_attribute)
-    ds = Dataset.from_dict({"text": texts, "attribute": attrs}).shuffle(seed=0)
-    out = WORK / f"prefixes_{task}"
-    args = AttributePrefixConfig(
-        output_dir=str(WORK / f"run_{task}"),
-        attributes=TASKS[task]["attributes"],
-        num_virtual_tokens=20,
-        prefix_projection=a.prefix_projection,
-        init_text="The following text is",
-        start_token=START,
-        max_length=a.max_length,
-        per_device_train_batch_size=a.batch_size,
-        max_steps=a.steps,
-        learning_rate=a.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=max(1, a.steps // 10),
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        logging_steps=10,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = AttributePrefixTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    t0 = time.time()
-    trainer.train()
-    trainer.save_model(str(out))
-    log = [h for h in trainer.state.log_history if "loss" in h]
-    info = {
-        "task": task,
-        "texts": len(ds),
-        "steps": a.steps,
-        "batch_size": a.batch_size,
-        "lr": a.lr,
-        "prefix_projection": a.prefix_projection,
-        "train_seconds": round(time.time() - t0, 1),
-        "loss_first": log[0]["loss"] if log else None,
-        "loss_last": log[-1]["loss"] if log else None,
-        "loss_curve": [(h["step"], round(h["loss"], 4)) for h in log],
-    }
-    (HERE / f"prefixes_{task}.json").write_text(json.dumps(info, indent=2) + "\n")
-    print({k: v for k, v in info.items() if k != "loss_curve"})
-
-
-# ------------------------------------------------------------------------------------------------ generation
-def generate_grid(task: str, data: Path, a) -> None:
-    from hf_collapse import AttributePrefixModel
+def stage_generate(task: str, data: Path, a) -> None:
+    from hf_collapse import AirDecodingForCausalLM
     from hf_collapse.processors.air_decoding import AirDecodingLogitsProcessor, WeightedDecodingLogitsProcessor
 
     model, tok = load_lm()
     tok.padding_side = "left"
-    am = AttributePrefixModel.from_pretrained(model, WORK / f"prefixes_{task}")
-    prompts = load_prompts(task, data)
-    targets = TASKS[task]["attributes"]
-    grid = [("plain", 0.0, False)]
-    for lam in a.strengths:
-        if lam > 0:
-            grid += [("air", lam, False), ("weighted", lam, False)]
-    for lam in a.normalize_strengths:
-        grid.append(("air-normalized", lam, True))
-    out_path = HERE / f"generations_{task}.jsonl"
+    fused = AirDecodingForCausalLM.from_base(model, RUNS / "prefixes" / task, tokenizer=tok)
+    prompts = load_prompts(task, data)[: a.max_prompts]
+    spec = TASKS[task]
+    grid = [("plain", 0.0)] + [("air", float(x)) for x in spec["air"]] + [("weighted", float(x)) for x in spec["weighted"]]
+    out_path = OUT / f"protocol_generations_{task}.jsonl"
     done = set()
     if out_path.exists():
-        for line in out_path.open():
-            r = json.loads(line)
-            done.add((r["method"], r["strength"], r["target"], r.get("seed", 0)))
-    enc = tok([START + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
-    for method, lam, normalize in grid:
-        for target in targets:
-            if (method, lam, target, a.seed) in done:
+        done = {(r["method"], r["strength"], r["target"]) for r in map(json.loads, out_path.open())}
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    for method, lam in grid:
+        for target in spec["targets"]:
+            if (method, lam, target) in done:
                 continue
-            torch.manual_seed(a.seed)
-            procs = []
-            if method != "plain":
-                cls = WeightedDecodingLogitsProcessor if method == "weighted" else AirDecodingLogitsProcessor
-                procs = [cls(am, target, lam, prompt_attention_mask=enc["attention_mask"], normalize=normalize)]
+            torch.manual_seed(a.seed)  # the same seed for every method, strength and target
+            kw = dict(do_sample=True, top_k=200, top_p=1.0, temperature=1.0, max_new_tokens=a.length,
+                      min_new_tokens=a.length, num_return_sequences=a.samples, pad_token_id=tok.pad_token_id)  # fmt: skip
             t0 = time.time()
             with torch.no_grad():
-                seqs = model.generate(
-                    **enc,
-                    logits_processor=procs,
-                    do_sample=True,
-                    top_k=200,
-                    top_p=1.0,
-                    temperature=1.0,
-                    max_new_tokens=a.length,
-                    min_new_tokens=a.length,
-                    num_return_sequences=a.samples,
-                    pad_token_id=tok.pad_token_id,
-                )
-            dt = time.time() - t0
-            t_in = enc["input_ids"].shape[1]
-            with out_path.open("a") as f:
-                for r, row in enumerate(seqs):
-                    p = prompts[r // a.samples]
-                    cont = tok.decode(row[t_in:], skip_special_tokens=True)
-                    rec = {
-                        "method": method,
-                        "strength": lam,
-                        "target": target,
-                        "seed": a.seed,
-                        "prompt": p,
-                        "continuation": cont,
-                    }
-                    f.write(json.dumps(rec) + "\n")
-            print(f"{method} lambda={lam} target={target}: {len(seqs)} texts in {dt:.0f} s", flush=True)
+                if method == "plain":
+                    seqs = model.generate(**enc, **kw)
+                else:
+                    cls = AirDecodingLogitsProcessor if method == "air" else WeightedDecodingLogitsProcessor
+                    seqs = fused.generate(**enc, logits_processor=[cls(fused, target, lam)], **kw)
+            rows = [{"method": method, "strength": lam, "target": target, "seed": a.seed,
+                     "prompt": prompts[i // a.samples],
+                     "continuation": tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True)}
+                    for i, s in enumerate(seqs)]  # fmt: skip
+            with out_path.open("a") as f:  # one (method, λ, target) block at a time: a stop loses at most one
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+            print(f"{method} λ={lam:g} target={target}: {len(rows)} texts in {time.time() - t0:.0f} s", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ report
-def report(task: str, a) -> None:
+def official_rows(task: str, data: Path, prompts: list[str]) -> list[dict]:
+    name, key, lam = TASKS[task]["official"]
+    rows = [json.loads(x) for x in (data / "air_decoding" / "official_outputs" / name).open() if x.strip()]
+    out = []
+    for r in rows:
+        if key is None:  # detox: {"prompt", "text": {"0".."24": continuation}}
+            out += [{"method": "official GPT2-medium", "strength": lam, "target": "nontoxic", "prompt": r["prompt"],
+                     "continuation": c} for c in r["text"].values()]  # fmt: skip
+            continue
+        prompt = max((p for p in prompts if r["text"].startswith(p)), key=len, default="")
+        out.append({"method": "official GPT2-medium", "strength": lam, "target": r[key].lower(), "prompt": prompt,
+                    "continuation": r["text"][len(prompt):]})  # fmt: skip
+    return out
+
+
+class Judge:
+    """A fine-tuned transformer classifier (`transformer_judges.py`): label names and probabilities."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not (path / "judge_result.json").exists():
+            raise SystemExit(f"no judge in {path}: run the 'judge' stage first")
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.info = json.loads((path / "judge_result.json").read_text())
+
+    @torch.no_grad()
+    def proba(self, texts: list[str], batch: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch):
+            enc = self.tok(texts[i : i + batch], truncation=True, max_length=128, padding=True, return_tensors="pt")
+            out.append(self.model(**enc).logits.float().softmax(-1))
+        return torch.cat(out)
+
+
+def bootstrap_ci(hits: dict[str, list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of all values and a 95% interval from resampling prompts (a prompt's samples stay together)."""
+    keys = list(hits)
+    rng = np.random.default_rng(seed)
+    sums = np.array([sum(hits[k]) for k in keys])
+    counts = np.array([len(hits[k]) for k in keys])
+    draws = rng.integers(0, len(keys), size=(reps, len(keys)))
+    stats = sums[draws].sum(1) / counts[draws].sum(1)
+    return sums.sum() / counts.sum(), float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+
+
+def stage_report(task: str, data: Path, a) -> None:
     import importlib.util
 
-    metrics = REPO / "hf_collapse" / "metrics"
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, metrics / name / f"{name}.py")
+    def metric(name):
+        spec = importlib.util.spec_from_file_location(name, REPO / "hf_collapse" / "metrics" / name / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
 
-    dist_n, perplexity = load("dist_n").dist_n, load("perplexity").perplexities
+    dist_n, perplexities = metric("dist_n").dist_n, metric("perplexity").perplexities
     model, tok = load_lm()
-    judge = load_judge(task)
-    rows = [json.loads(x) for x in (HERE / f"generations_{task}.jsonl").open()]
+    judge = Judge(RUNS / "judges" / TASKS[task]["judge"])
+    prompts = load_prompts(task, data)[: a.max_prompts]
+    official = [r for r in official_rows(task, data, load_prompts(task, data)) if r["prompt"] in prompts]
+    rows = [json.loads(x) for x in (OUT / f"protocol_generations_{task}.jsonl").open()] + official
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["strength"]), []).append(r)
     table = []
-    for (method, lam), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (method, lam), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "plain", kv[0][0], kv[0][1])):
         full = [r["prompt"] + r["continuation"] for r in rs]
-        pred = judge.predict(full)
-        acc = sum(p == r["target"] for p, r in zip(pred, rs)) / len(rs)
-        ppl = perplexity(full, model, tok, prompts=[r["prompt"] for r in rs], prefix=START)
-        ppl = sorted(p for p in ppl if p == p and math.isfinite(p))
-        # Dist-n per (target, seed) group, then averaged: plain sampling gives the same texts for every target
+        p = judge.proba(full)
+        row = {"method": method, "strength": lam, "n": len(rs)}
+        if task == "detox":
+            tox = p[:, judge.labels.index("toxic")].tolist()
+            per_prompt: dict[str, list[float]] = {}
+            for r, t in zip(rs, tox):
+                per_prompt.setdefault(r["prompt"], []).append(t)
+            row["avg_max_toxicity"] = statistics.mean(max(v) for v in per_prompt.values())
+            row["toxic_prompt_fraction"] = statistics.mean(float(max(v) > 0.5) for v in per_prompt.values())
+        else:
+            pred = [judge.labels[i] for i in p.argmax(-1).tolist()]
+            for target in TASKS[task]["targets"] + ["all"]:
+                hits: dict[str, list[float]] = {}
+                for r, y in zip(rs, pred):
+                    if target in ("all", r["target"]):
+                        hits.setdefault(r["prompt"] + "|" + r["target"], []).append(float(y == r["target"]))
+                if hits:
+                    row[f"acc_{target}"] = bootstrap_ci(hits)
+        ppl = [x for x in perplexities(full, model, tok, prompts=[r["prompt"] for r in rs], prefix=START)
+               if math.isfinite(x)]  # fmt: skip
+        row["ppl_mean"], row["ppl_median"] = statistics.mean(ppl), statistics.median(ppl)
         parts: dict = {}
-        for r in rs:
-            parts.setdefault((r["target"], r.get("seed", 0)), []).append(r["continuation"])
+        for r in rs:  # Dist-n per target: plain sampling gives the same texts for every target
+            parts.setdefault(r["target"], []).append(r["continuation"])
         ds = [dist_n(v) for v in parts.values()]
-        d = {k: sum(x[k] for x in ds) / len(ds) for k in ds[0]}
-        table.append(
-            {
-                "method": method,
-                "strength": lam,
-                "n": len(rs),
-                "accuracy": acc,
-                "ppl_mean": sum(ppl) / len(ppl),
-                "ppl_median": ppl[len(ppl) // 2],
-                **d,
-            }
-        )
-        print(table[-1], flush=True)
-    (HERE / f"results_{task}.json").write_text(json.dumps(table, indent=2) + "\n")
-    lines = [
-        "| method | λ | texts | attribute acc. | PPL mean | PPL median | Dist-1 | Dist-2 | Dist-3 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for t in table:
-        lines.append(
-            f"| {t['method']} | {t['strength']:g} | {t['n']} | {t['accuracy']:.3f} | {t['ppl_mean']:.1f} | "
-            f"{t['ppl_median']:.1f} | {t['dist-1']:.3f} | {t['dist-2']:.3f} | {t['dist-3']:.3f} |"
-        )
-    (HERE / f"results_{task}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        row.update({k: statistics.mean(x[k] for x in ds) for k in ds[0]})
+        table.append(row)
+        print({k: v for k, v in row.items()}, flush=True)
+    (OUT / f"protocol_results_{task}.json").write_text(json.dumps({"judge": judge.info, "rows": table}, indent=2) + "\n")
+    write_table(task, table, judge.info)
     plot(task, table)
 
 
+def write_table(task: str, table: list[dict], judge_info: dict) -> None:
+    head = (f"Judge: all-MiniLM-L6-v2 fine-tuned on {judge_info['train_texts']} texts, held-out accuracy "
+            f"{judge_info['held_out_accuracy']:.3f} ({judge_info['held_out_texts']} texts). Perplexity: SmolLM2-135M "
+            "without prefix, continuation tokens only. Accuracy: mean [95% interval, bootstrap over prompts].\n\n")  # fmt: skip
+    if task == "detox":
+        cols = ["avg_max_toxicity", "toxic_prompt_fraction"]
+    else:
+        cols = [f"acc_{t}" for t in [*TASKS[task]["targets"], "all"]]
+    lines = ["| method | λ | texts | " + " | ".join(c.replace("acc_", "acc. ") for c in cols)
+             + " | PPL mean | PPL median | Dist-1 | Dist-2 | Dist-3 |",
+             "|---|---|---|" + "---|" * (len(cols) + 5)]  # fmt: skip
+    for t in table:
+        cells = []
+        for c in cols:
+            v = t.get(c)
+            cells.append("–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if isinstance(v, tuple | list)
+                         else f"{v:.3f}")  # fmt: skip
+        lines.append(f"| {t['method']} | {t['strength']:g} | {t['n']} | " + " | ".join(cells) +
+                     f" | {t['ppl_mean']:.1f} | {t['ppl_median']:.1f} | {t['dist-1']:.3f} | {t['dist-2']:.3f} | "
+                     f"{t['dist-3']:.3f} |")  # fmt: skip
+    (OUT / f"protocol_results_{task}.md").write_text(head + "\n".join(lines) + "\n")
+    print(head + "\n".join(lines))
+
+
 def plot(task: str, table: list[dict]) -> None:
+    if task == "detox":
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plain = [t for t in table if t["method"] == "plain"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method, style in (("air", "o-"), ("weighted", "s--"), ("air-normalized", "^:")):
+    official = [t for t in table if t["method"].startswith("official")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, style in (("air", "o-"), ("weighted", "s--")):
         pts = sorted((t["strength"], t) for t in table if t["method"] == method)
         if not pts:
             continue
         pts = [(0.0, plain[0])] + pts if plain else pts
         xs = [max(x, 1.0) for x, _ in pts]  # λ = 0 drawn at 1 on the log axis
         axes[0].plot(xs, [t["ppl_median"] for _, t in pts], style, label=method)
-        axes[1].plot(xs, [t["accuracy"] for _, t in pts], style, label=method)
-    for ax, name in zip(axes, ("perplexity (median, base LM without prefix)", "attribute accuracy (judge)")):
+        acc = [t["acc_all"] for _, t in pts]
+        axes[1].errorbar(xs, [v[0] for v in acc], yerr=[[v[0] - v[1] for v in acc], [v[2] - v[0] for v in acc]],
+                         fmt=style, capsize=3, label=method)  # fmt: skip
+    for t in official:
+        axes[0].plot([t["strength"]], [t["ppl_median"]], "k*", ms=11, label="official GPT2-medium")
+        axes[1].plot([t["strength"]], [t["acc_all"][0]], "k*", ms=11, label="official GPT2-medium")
+    for ax, name in zip(axes, ("perplexity (median, base LM without prefix)", "attribute accuracy (judge, 95% CI)")):
         ax.set_xscale("log")
         ax.set_xlabel("control strength λ (λ=0 plotted at 1)")
         ax.set_ylabel(name)
-        ax.legend()
+        ax.legend(fontsize=8)
     axes[0].set_yscale("log")
     fig.suptitle(f"Attribute collapse, SmolLM2-135M, {task}")
     fig.tight_layout()
-    fig.savefig(HERE / f"collapse_{task}.png", dpi=110)
+    fig.savefig(OUT / f"protocol_collapse_{task}.png", dpi=110)
 
 
 def main() -> None:
+    global OUT, RUNS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["train", "judge", "generate", "report"])
+    ap.add_argument("stage", choices=["data", "train", "judge", "generate", "report"])
     ap.add_argument("--task", choices=list(TASKS), default="sentiment")
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=float, default=5.0, help="upper bound; early stopping usually ends sooner")
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--max-length", type=int, default=48)
-    ap.add_argument(
-        "--prefix-projection",
-        type=int,
-        default=0,
-        help="1: PEFT's MLP reparameterisation (diverged here at lr 5e-3); 0: train the K/V directly",
-    )
-    ap.add_argument("--per-attribute", type=int, default=5000)
-    ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--length", type=int, default=30)
-    ap.add_argument("--strengths", type=float, nargs="+", default=[0, 10, 40, 140, 500])
-    ap.add_argument("--normalize-strengths", type=float, nargs="*", default=[140])
+    ap.add_argument("--eval_steps", type=int, default=100)
+    ap.add_argument("--max_steps", type=int, default=-1, help="cap on training steps (smoke tests); -1: epochs")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--length", type=int, default=50)
+    ap.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results_dir", default=str(HERE), help="where generations, tables and plots go")
+    ap.add_argument("--runs_dir", default=str(RUNS), help="prefix data, prefixes and judges")
     a = ap.parse_args()
+    OUT, RUNS = Path(a.results_dir), Path(a.runs_dir)
+    OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
     data = Path(a.data)
-    if a.stage == "train":
-        train_prefixes(a.task, data, a)
+    if a.stage == "data":
+        subprocess.run([sys.executable, str(HERE / "prefix_data.py"), "--out", str(RUNS / "prefix_data")], check=True)
+    elif a.stage == "train":
+        stage_train(a.task, a)
     elif a.stage == "judge":
-        train_judge(a.task, data)
+        stage_judge(a.task)
     elif a.stage == "generate":
-        generate_grid(a.task, data, a)
+        stage_generate(a.task, data, a)
     else:
-        report(a.task, a)
+        stage_report(a.task, data, a)
 
 
 if __name__ == "__main__":
