@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 
 SETTINGS = {  # name -> (number of classes, training subset size, epochs (views per image), pairs?)
     "fmnist10": dict(num_labels=10, train_size=5000, epochs=100, pairs=False),
-    "pairs100": dict(num_labels=100, train_size=10000, epochs=100, pairs=True),
+    "pairs100": dict(num_labels=100, train_size=5000, epochs=100, pairs=True),
 }
 
 _LOGIT = {"temperature": 2.0}
