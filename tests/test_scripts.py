@@ -104,8 +104,8 @@ def test_built_wheel_runs_the_demo_from_an_empty_directory(tmp_path):
     assert list(empty.iterdir()) == []
 
 
-def test_train_prefixes_then_generate(tmp_path, capsys):
-    """`train-prefixes` takes `AttributePrefixConfig`'s own fields under their `TrainingArguments` names."""
+def _tiny_lm_and_data(tmp_path):
+    """A saved tiny GPT-2 with its tokenizer, and a toy prefix-training file: (model folder, data file)."""
     from air_decoding_utils import tiny_gpt2, tiny_tokenizer, toy_dataset
 
     model_dir = tmp_path / "lm"
@@ -113,6 +113,12 @@ def test_train_prefixes_then_generate(tmp_path, capsys):
     tiny_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "train.jsonl"
     toy_dataset().to_json(str(data))
+    return model_dir, data
+
+
+def test_train_prefixes_then_generate(tmp_path, capsys):
+    """`train-prefixes` takes `AttributePrefixConfig`'s own fields under their `TrainingArguments` names."""
+    model_dir, data = _tiny_lm_and_data(tmp_path)
     out = tmp_path / "prefixes"
     rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
                "negative", "--output_dir", str(out), "--num_virtual_tokens", "4", "--max_steps", "2",
@@ -133,13 +139,7 @@ def test_train_prefixes_then_generate(tmp_path, capsys):
 
 
 def test_train_prefixes_early_stopping_and_resume_last(tmp_path, capsys):
-    from air_decoding_utils import tiny_gpt2, tiny_tokenizer, toy_dataset
-
-    model_dir = tmp_path / "lm"
-    tiny_gpt2().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "train.jsonl"
-    toy_dataset().to_json(str(data))
+    model_dir, data = _tiny_lm_and_data(tmp_path)
     out = tmp_path / "prefixes"
     common = ["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
               "negative", "--output_dir", str(out), "--num_virtual_tokens", "4", "--per_device_train_batch_size", "4",

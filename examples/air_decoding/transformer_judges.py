@@ -89,17 +89,11 @@ def load_task(task: str) -> tuple[list[str], list[str], list[str], list[str], li
     raise SystemExit(f"unknown task {task!r}; choose sentiment, topic or toxicity")
 
 
-class Encoded(torch.utils.data.Dataset):
-    def __init__(self, tok, texts: list[str], labels: list[int], max_length: int) -> None:
-        enc = tok(texts, truncation=True, max_length=max_length)
-        self.items = [{"input_ids": i, "attention_mask": m, "labels": y}
-                      for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
+def encode(tok, texts: list[str], labels: list[int], max_length: int) -> list[dict]:
+    """Tokenised items for `Trainer` (a list is a map-style dataset); padding is the collator's job."""
+    enc = tok(texts, truncation=True, max_length=max_length)
+    return [{"input_ids": i, "attention_mask": m, "labels": y}
+            for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]  # fmt: skip
 
 
 def main() -> None:
@@ -141,8 +135,8 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(MINILM)
     label2id = {n: i for i, n in enumerate(names)}
-    train = Encoded(tok, tr_x, [label2id[y] for y in tr_y], a.max_length)
-    test = Encoded(tok, te_x, [label2id[y] for y in te_y], a.max_length)
+    train = encode(tok, tr_x, [label2id[y] for y in tr_y], a.max_length)
+    test = encode(tok, te_x, [label2id[y] for y in te_y], a.max_length)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
         MINILM, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id

@@ -54,17 +54,11 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
     return [r["sentence"].strip() for r in rows], [int(r["label"]) for r in rows]
 
 
-class Encoded(torch.utils.data.Dataset):
-    def __init__(self, tok, texts: list[str], labels: list[int], max_length: int = 64) -> None:
-        enc = tok(texts, truncation=True, max_length=max_length)
-        self.items = [{"input_ids": ids, "attention_mask": m, "labels": y}
-                      for ids, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
+def encode(tok, texts: list[str], labels: list[int], max_length: int) -> list[dict]:
+    """Tokenised items for `Trainer` (a list is a map-style dataset); padding is the collator's job."""
+    enc = tok(texts, truncation=True, max_length=max_length)
+    return [{"input_ids": i, "attention_mask": m, "labels": y}
+            for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]  # fmt: skip
 
 
 def config(out: Path, seed: int, epochs: float, lr: float, **overrides):
@@ -102,7 +96,7 @@ def fit(model, args, train, collator, teacher=None):
 
 
 @torch.no_grad()
-def accuracy(model, data: Encoded, collator) -> float:
+def accuracy(model, data: list[dict], collator) -> float:
     model.eval()
     hits = 0
     for i in range(0, len(data), 128):
@@ -142,8 +136,8 @@ def main() -> None:
     collator = DataCollatorWithPadding(tok)
     texts, labels = read_tsv(SST2 / "train.tsv")
     idx = np.sort(np.random.default_rng(0).choice(len(texts), a.train_size, replace=False))
-    train = Encoded(tok, [texts[i] for i in idx], [labels[i] for i in idx])
-    test = Encoded(tok, *read_tsv(SST2 / "test.tsv"))
+    train = encode(tok, [texts[i] for i in idx], [labels[i] for i in idx], max_length=64)
+    test = encode(tok, *read_tsv(SST2 / "test.tsv"), max_length=64)
 
     teacher_dir = out / "teacher"
     if not (teacher_dir / "teacher_result.json").exists():
