@@ -268,6 +268,21 @@ def _bytes_read_per_token(model) -> int:
     return total - (0 if tied else emb.numel() * emb.element_size()) + emb.shape[1] * emb.element_size()
 
 
+def _decode_stepper(model, prompt: torch.Tensor, steps: int):
+    """A callable running `steps` cached greedy decode steps, continuing where the previous call stopped."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+    state = {"cache": out.cache, "tok": out.logits[:, -1:].argmax(-1)}
+
+    def run():
+        with torch.no_grad():
+            for _ in range(steps):
+                o = model(state["tok"], cache=state["cache"], use_cache=True, logits_to_keep=1)
+                state["tok"] = o.logits[:, -1:].argmax(-1)
+
+    return run
+
+
 def bench_decode_step(args):
     """One cached greedy decode step at batch 1 (the llama.cpp `tg` measurement), fp32 and bf16, ours vs transformers,
     beside the weight-read bound measured in this process."""
@@ -275,21 +290,8 @@ def bench_decode_step(args):
     for dtype in (torch.float32, torch.bfloat16):
         hf, ours = (hf32, ours32) if dtype == torch.float32 else (hf32.to(dtype), ours32.to(dtype))
         prompt = torch.randint(0, M130["vocab_size"], (1, 8))
-
-        def stepper(model, prompt=prompt):
-            with torch.no_grad():
-                out = model(prompt, use_cache=True, logits_to_keep=1)
-            state = {"cache": out.cache, "tok": out.logits[:, -1:].argmax(-1)}
-
-            def run():
-                with torch.no_grad():
-                    for _ in range(args.decode_steps):
-                        o = model(state["tok"], cache=state["cache"], use_cache=True, logits_to_keep=1)
-                        state["tok"] = o.logits[:, -1:].argmax(-1)
-
-            return run
-
-        o, b = interleaved_median(stepper(ours), stepper(hf), repeats=args.repeats)
+        o, b = interleaved_median(_decode_stepper(ours, prompt, args.decode_steps),
+                                  _decode_stepper(hf, prompt, args.decode_steps), repeats=args.repeats)  # fmt: skip
         o, b = o / args.decode_steps, b / args.decode_steps
         read = _bytes_read_per_token(ours)
         bw = _gemv_bandwidth(args.threads, dtype)
@@ -300,6 +302,21 @@ def bench_decode_step(args):
         print(f"  {name}: ours {1 / o:.1f} tok/s, transformers {1 / b:.1f} tok/s ({b / o:.2f}x); weight-read bound "
               f"{bw / read:.1f} tok/s ({read / 1e6:.0f} MB read per token at {bw / 1e9:.1f} GB/s gemv), ours at "
               f"{(1 / o) / (bw / read):.2f} of it")  # fmt: skip
+    # int8 weights with torch's dynamic quantization (every Linear, LM head included) against our fp32
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours8 = quantize_dynamic(_pair(M130)[1], {torch.nn.Linear}, dtype=torch.qint8)
+    prompt = torch.randint(0, M130["vocab_size"], (1, 8))
+    o, b = interleaved_median(_decode_stepper(ours8, prompt, args.decode_steps),
+                              _decode_stepper(ours32, prompt, args.decode_steps), repeats=args.repeats)  # fmt: skip
+    o, b = o / args.decode_steps, b / args.decode_steps
+    report(SCRIPT, "decode_step_130m_batch1_int8_dynamic_vs_fp32", o, b, args.repeats, args.threads,
+           ours_tok_s=1 / o, fp32_tok_s=1 / b)  # fmt: skip
+    print(f"  int8 (dynamic): {1 / o:.1f} tok/s, {b / o:.2f}x our fp32")
 
 
 LARGE_STATE = dict(

@@ -82,3 +82,25 @@ def test_demo_classifies_the_shipped_sample_without_the_dataset(tmp_path, capsys
     out = capsys.readouterr().out
     accuracy = float(out.split("accuracy on the 300 test images shipped with hf-collapse:")[1].split("%")[0])
     assert accuracy > 80.0  # the bundled student is an ~88% classifier; chance is 10%
+
+
+def test_robust_mamba2_runs_with_int8_dynamic_quantization():
+    """torch's dynamic int8 quantization of every Linear, LM head included, runs and keeps the bundled model's loss
+    on its held-out demo text within 1% (a quantized head exposes weight() as a method; the model handles it)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+    from transformers import AutoModelForCausalLM
+
+    import hf_collapse  # noqa: F401
+
+    path = ROOT / "robust-mamba2-tiny"
+    ids = torch.tensor([list((path / "demo_text.txt").read_bytes()[:512])])
+    fp32 = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization points to torchao
+        int8 = quantize_dynamic(AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval(),
+                                {torch.nn.Linear}, dtype=torch.qint8)  # fmt: skip
+    with torch.no_grad():
+        a, b = fp32(ids, labels=ids).loss.item(), int8(ids, labels=ids).loss.item()
+    assert abs(b - a) < 0.01 * a

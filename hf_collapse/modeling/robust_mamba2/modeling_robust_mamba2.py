@@ -556,6 +556,13 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the LM head. A dynamically quantized head (``torch.ao.quantization.quantize_dynamic``)
+        exposes ``weight()`` as a method and takes float32 input."""
+        weight = self.lm_head.weight
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+        return self.lm_head(hidden.to(dtype)).float()
+
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
@@ -646,7 +653,7 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
             seg_logits = None
             if labels is not None:
                 # next-token loss of this segment: position i predicts labels[i + 1]; the last one has no target
-                seg_logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()  # (b, l, vocab)
+                seg_logits = self._head_logits(h)  # (b, l, vocab)
                 target = labels[:, start + 1 : end + 1].to(seg_logits.device)
                 if target.shape[1] < end - start:
                     target = F.pad(target, (0, end - start - target.shape[1]), value=-100)
@@ -659,7 +666,7 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
                 if seg_logits is not None and isinstance(keep, slice):
                     kept_logits.append(seg_logits[:, sel])
                 else:
-                    kept_logits.append(self.lm_head(h_keep.to(self.lm_head.weight.dtype)).float())
+                    kept_logits.append(self._head_logits(h_keep))
             if output_hidden_states:
                 layer_outs.append(hs)
                 final_hidden.append(h)
