@@ -637,3 +637,12 @@ def test_early_stopping_keeps_the_best_prefixes(tmp_path):
     reference = ap.read_attribute_prefixes(best).prefixes
     for i, attr in enumerate(t.model.attributes):
         torch.testing.assert_close(t.model.flat_prefix(i).detach(), reference[attr])
+
+
+def test_only_the_writer_rank_saves(tmp_path, monkeypatch):
+    """transformers calls _save on every DDP rank; a non-writer rank must write nothing (two writers raced)."""
+    t = AttributePrefixTrainer(model=tiny_gpt2(), args=_args(tmp_path, init_text=None), train_dataset=toy_dataset(),
+                               processing_class=tiny_tokenizer())  # fmt: skip
+    monkeypatch.setattr(type(t.args), "should_save", property(lambda self: False))
+    t.save_model(str(tmp_path / "not_written"))
+    assert not (tmp_path / "not_written").exists()

@@ -278,6 +278,10 @@ class AttributePrefixTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # transformers 5 calls _save on every rank under DDP and lets the base method return on non-writers; without
+        # this check two ranks raced on the same staging folder (a flaky failure of the torchrun test)
+        if not self.args.should_save:
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         prefix_lm: AttributePrefixLM = self.accelerator.unwrap_model(self.model)
         # the conditioning is recorded so that AttributePrefixModel applies it itself at generation time
