@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_collapse.scripts.fashion_mnist import read_split
+
 HERE = Path(__file__).resolve().parent
 
 SETTINGS = {  # name -> (number of classes, training subset size, epochs (views per image), pairs?)
@@ -69,18 +71,6 @@ TEACHER_EPOCHS = 12
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    from hf_collapse.scripts.fashion_mnist import read_idx
-
-    prefix = {"train": "train", "test": "t10k"}[split]
-    root = Path(data_dir)
-
-    def find(stem: str) -> Path:
-        return next(p for p in (root / stem, root / f"{stem}.gz") if p.exists())
-
-    return read_idx(find(f"{prefix}-images-idx3-ubyte")), read_idx(find(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-
-
 def balanced_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """Indices of `size` training images, the same number per class, fixed by `seed` (shared by every run)."""
     rng = np.random.default_rng(seed)
@@ -243,7 +233,7 @@ def teacher_path(out: Path, data_dir: str) -> Path:
     path = out / "teacher"
     if (path / "teacher_result.json").exists():
         return path
-    images, labels = load_split(data_dir, "train")
+    images, labels = read_split(data_dir, "train")
     torch.manual_seed(1234)
     cfg = ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[2, 2, 2],
                        layer_type="basic", num_labels=10, id2label=dict(enumerate(FASHION_MNIST_LABELS)))  # fmt: skip
@@ -251,7 +241,7 @@ def teacher_path(out: Path, data_dir: str) -> Path:
     t0 = time.perf_counter()
     views = augmented_views(images, labels, TEACHER_EPOCHS, seed=1234)
     trainer = train(teacher, config(path, 1234, mode="ce"), views)
-    test_images, test_labels = load_split(data_dir, "test")
+    test_images, test_labels = read_split(data_dir, "test")
     info = {"test_accuracy": accuracy(teacher, as_views(test_images, test_labels)),
             "train_seconds": time.perf_counter() - t0, "epochs": TEACHER_EPOCHS,
             "parameters": sum(p.numel() for p in teacher.parameters())}  # fmt: skip
@@ -270,10 +260,10 @@ def run_setting(name: str, seeds: list[int], variants: list[str], out: Path, dat
     teacher = AutoModelForImageClassification.from_pretrained(teacher_path(out, data_dir)).eval()
     if s["pairs"]:
         teacher = PairTeacher(teacher)
-    images, labels = load_split(data_dir, "train")
+    images, labels = read_split(data_dir, "train")
     idx = balanced_subset(labels, s["train_size"])
     train_tiles, train_labels = images[idx], labels[idx]
-    test_tiles, test_labels = load_split(data_dir, "test")
+    test_tiles, test_labels = read_split(data_dir, "test")
     if s["pairs"]:
         train_tiles, train_labels, _ = pair_up(train_tiles, train_labels, seed=1)
         test_tiles, test_labels, _ = pair_up(test_tiles, test_labels, seed=2)

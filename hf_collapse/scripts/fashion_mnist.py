@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["read_idx", "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_LABELS", "DEMO_SAMPLE", "demo_sample"]
+__all__ = ["read_idx", "read_split", "FashionMNIST", "FASHION_MNIST_DIR", "FASHION_MNIST_LABELS", "DEMO_SAMPLE", "demo_sample"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # `apt-get install -y dataset-fashion-mnist`
 FASHION_MNIST_LABELS = [
@@ -43,6 +43,26 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return arr.reshape(shape)
 
 
+def read_split(root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The raw split: uint8 images `(N, 28, 28)` and int64 labels `(N,)` from the IDX files in `root`."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+
+    def find(stem: str) -> Path:
+        for name in (stem, stem + ".gz"):
+            if (root / name).exists():
+                return root / name
+        raise FileNotFoundError(
+            f"{root / stem}[.gz] not found. Install Fashion-MNIST with `apt-get install -y dataset-fashion-mnist` "
+            f"(files land in {FASHION_MNIST_DIR}) or pass the folder that holds the IDX files."
+        )
+
+    images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
+    return images, read_idx(find(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+
+
 DEMO_SAMPLE = "demo_data/fashion_mnist_test_300.safetensors"  # inside hf_collapse.scripts; see its PROVENANCE.md
 
 
@@ -56,26 +76,11 @@ class FashionMNIST(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train", limit: int | None = None):
-        prefix = {"train": "train", "test": "t10k"}.get(split)
-        if prefix is None:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        root = Path(root)
-
-        def find(stem: str) -> Path:
-            for name in (stem, stem + ".gz"):
-                if (root / name).exists():
-                    return root / name
-            raise FileNotFoundError(
-                f"{root / stem}[.gz] not found. Install Fashion-MNIST with `apt-get install -y dataset-fashion-mnist` "
-                f"(files land in {FASHION_MNIST_DIR}) or pass the folder that holds the IDX files."
-            )
-
-        images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+        images, labels = read_split(root, split)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         self.pixel_values = _normalise(images)
-        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.labels = torch.from_numpy(labels)
 
     def __len__(self) -> int:
         return len(self.labels)
