@@ -77,6 +77,13 @@ def main(argv: Sequence[str]) -> int:
 
         if config.eval_strategy == "no":
             raise CommandError("--early_stopping_patience needs evaluations: add --eval_strategy steps --eval_steps N")
+        # set after TrainingArguments' own checks, so check here what load_best_model_at_end needs: a checkpoint at
+        # every evaluation
+        if config.save_strategy != config.eval_strategy or (
+            config.eval_strategy == "steps" and config.save_steps % config.eval_steps != 0
+        ):
+            raise CommandError("--early_stopping_patience keeps the best checkpoint, so save when you evaluate: use "
+                               "the same --save_strategy as --eval_strategy and --save_steps a multiple of --eval_steps")
         config.load_best_model_at_end, config.metric_for_best_model, config.greater_is_better = True, "eval_loss", False
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=script_args.early_stopping_patience))
     resume = config.resume_from_checkpoint
