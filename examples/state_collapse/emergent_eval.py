@@ -17,6 +17,13 @@ Per run (its `model/` folder and `run_args.json`):
 * mitigations, each calibrated on training-text windows of length T_train only: `state_norm_max` (caps,
   `calibrate_state_norms`), per-head `decay_scale` (`calibrate_decay_scales`), and `sliding_window` = T_train.
 
+The imposed-heads models of `run_experiment.py` (which trains on the speeches only and never sees Brown) are
+evaluated the same way, calibrated on their own training text:
+
+    python examples/state_collapse/run_experiment.py --seed 0 --out runs/imposed/s0   # and --seed 1
+    python examples/state_collapse/emergent_eval.py --runs runs/imposed/s0 runs/imposed/s1 --length 16384 \
+        --sequences 8 --calibrate_on speeches --out examples/state_collapse/imposed
+
 Writes `<out>/emergent_eval.json`, `emergent_eval.md`, `emergent_loss.png` and `emergent_state_norms.png`.
 """
 
@@ -103,6 +110,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=256)
     p.add_argument("--calibration_windows", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibrate_on", choices=["corpus", "speeches"], default="corpus",
+                   help="training text the calibration windows come from: this experiment's training corpus, or "
+                        "only the speeches (for run_experiment.py's imposed-heads models, which never saw the rest)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -111,6 +121,10 @@ def main() -> None:
     from hf_collapse import RobustMamba2ForCausalLM, calibrate_decay_scales, calibrate_state_norms
 
     train_bytes, held_bytes = load_corpus(DATA)
+    if a.calibrate_on == "speeches":
+        from run_experiment import load_speeches
+
+        train_bytes = b"\n\n".join(load_speeches(DATA)[0])
     need = a.length * a.sequences
     if len(held_bytes) < need:
         raise SystemExit(f"held-out text has {len(held_bytes)} bytes, {need} needed; lower --length or --sequences")

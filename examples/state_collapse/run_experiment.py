@@ -204,6 +204,9 @@ def main() -> int:
         history = train(model, train_data, args, log)
         model.save_pretrained(args.out / "model")
         (args.out / "train_history.json").write_text(json.dumps(history))
+        # what emergent_eval.py reads (`--runs <out> --calibrate_on speeches`): the statistics with intervals
+        (args.out / "run_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                            for k, v in vars(args).items()}, indent=2))  # fmt: skip
     hl = half_lives(model, eval_ids[:, :4096])
     log("half-lives (tokens) per layer/head: " + json.dumps([[round(v) for v in row] for row in hl]))
 
