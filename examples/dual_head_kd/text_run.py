@@ -44,6 +44,7 @@ MINILM = Path.home() / ".cache" / "hf_collapse" / "all-minilm-l6-v2"
 VARIANTS = [
     ("ce", {"mode": "ce"}),
     ("kd", {"mode": "kd", "alpha": 1.0, "kd_temperature": 4.0}),
+    ("logit", {"mode": "logit", "alpha": 1.0, "logit_loss": "binary_kl", "temperature": 2.0}),
     ("naive", {"mode": "naive", "alpha": 1.0, "logit_loss": "binary_kl", "temperature": 2.0}),
     ("dhkd", {"mode": "dhkd", "alpha": 1.0, "logit_loss": "binary_kl_norm", "temperature": 2.0}),
 ]
