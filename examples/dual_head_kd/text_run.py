@@ -16,9 +16,9 @@ pretrained encoder, two heads (`DualHeadForSequenceClassification`, mean pooling
 once with `precompute_teacher_logits` (text has no augmentation, so caching is exact), and every (mode, seed) student
 trains on them. Finished runs are skipped on restart.
 
-    python examples/dual_head_kd/text_run.py --seeds 0 1 2 --threads 1   # about 45 min on one core
+    python examples/dual_head_kd/text_run.py --seeds 0 1 2 --threads 1   # about an hour on one core
 
-(teacher 3 epochs, ~15 min; each student 2 epochs over the 4,000 phrases, ~2.5-3.5 min.)
+(teacher 3 epochs, ~15 min; each of the 15 students 2 epochs over the 4,000 phrases, ~3 min.)
 
 Writes `text_results.md` and `text_results.jsonl` next to this script.
 """
