@@ -151,3 +151,28 @@ def test_train_prefixes_early_stopping_and_resume_last(tmp_path, capsys):
     assert rc == 0 and "resuming from" in capsys.readouterr().out and (out / "checkpoint-6").is_dir()
     assert main([*common, "--early_stopping_patience", "2"]) == 2  # no --eval_data
     assert "needs --eval_data" in capsys.readouterr().err
+
+
+def test_train_prefixes_early_stopping_waits_for_min_epochs(tmp_path, capsys):
+    """With a learning rate of 0 the held-out loss never improves: patience 1 stops at the second evaluation, unless
+    --early_stopping_min_epochs asks for two full passes over the 24 texts (6 steps of 4 each) first."""
+    import json
+
+    model_dir, data = _tiny_lm_and_data(tmp_path)
+
+    def steps_run(out, *extra):
+        rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
+                   "negative", "--output_dir", str(out), "--num_virtual_tokens", "4", "--num_train_epochs", "5",
+                   "--per_device_train_batch_size", "4", "--learning_rate", "0", "--use_cpu", "--eval_data", str(data),
+                   "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+                   "--early_stopping_patience", "1", *extra])  # fmt: skip
+        assert rc == 0
+        state = json.loads(max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                           .joinpath("trainer_state.json").read_text())  # fmt: skip
+        return state["global_step"]
+
+    assert steps_run(tmp_path / "a") == 2
+    assert steps_run(tmp_path / "b", "--early_stopping_min_epochs", "2") == 12  # step 12 ends epoch 2
+    assert main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
+                 "--output_dir", str(tmp_path / "c"), "--early_stopping_min_epochs", "nan"]) == 2  # fmt: skip
+    assert "early_stopping_min_epochs" in capsys.readouterr().err

@@ -97,7 +97,8 @@ def stage_train(task: str, a) -> None:
         "--per_device_train_batch_size", "16", "--learning_rate", str(a.lr), "--lr_scheduler_type", "constant",
         "--warmup_steps", "0.02", "--weight_decay", "0.0", "--logging_steps", "20", "--eval_strategy", "steps",
         "--eval_steps", str(a.eval_steps), "--save_strategy", "steps", "--save_steps", str(a.eval_steps),
-        "--save_total_limit", "2", "--early_stopping_patience", "3", "--resume_from_checkpoint", "last",
+        "--save_total_limit", "2", "--early_stopping_patience", "3", "--early_stopping_min_epochs", "1",
+        "--resume_from_checkpoint", "last",
         "--use_cpu", str(not torch.cuda.is_available()).lower(), "--seed", "0", "--disable_tqdm", "true",
         "--max_steps", str(a.max_steps),
     ])  # fmt: skip

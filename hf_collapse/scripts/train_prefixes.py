@@ -47,6 +47,11 @@ class TrainPrefixesScriptArguments:
         metadata={"help": "Stop when the held-out loss has not improved for this many evaluations, and keep the best "
                   "prefixes (needs --eval_data; sets load_best_model_at_end with metric eval_loss)."},
     )  # fmt: skip
+    early_stopping_min_epochs: float = field(
+        default=0.0,
+        metadata={"help": "Evaluations before this many epochs never count towards --early_stopping_patience, so "
+                  "training sees every text at least this often (the best prefixes are still tracked)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("data", "gate_data", "eval_data"):
@@ -56,8 +61,24 @@ class TrainPrefixesScriptArguments:
         check_number("--", "gate_min", self.gate_min, minimum=0.0, maximum=1.0)
         check_number("--", "early_stopping_patience", self.early_stopping_patience, integer=True, minimum=1,
                      allow_none=True)  # fmt: skip
+        check_number("--", "early_stopping_min_epochs", self.early_stopping_min_epochs, minimum=0.0)
         if self.early_stopping_patience is not None and self.eval_data is None:
             raise CommandError("--early_stopping_patience needs --eval_data (the held-out loss it watches)")
+        if self.early_stopping_min_epochs > 0 and self.early_stopping_patience is None:
+            raise CommandError("--early_stopping_min_epochs only applies with --early_stopping_patience")
+
+
+def _early_stopping(patience: int, min_epochs: float):
+    """`EarlyStoppingCallback` whose patience only starts counting once `min_epochs` epochs are done."""
+    from transformers import EarlyStoppingCallback
+
+    class MinEpochsEarlyStopping(EarlyStoppingCallback):
+        def check_metric_value(self, args, state, control, metric_value):
+            super().check_metric_value(args, state, control, metric_value)
+            if (state.epoch or 0.0) < min_epochs:
+                self.early_stopping_patience_counter = 0
+
+    return MinEpochsEarlyStopping(early_stopping_patience=patience)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -73,8 +94,6 @@ def main(argv: Sequence[str]) -> int:
     eval_ds = load_dataset("json", data_files=script_args.eval_data, split="train") if script_args.eval_data else None
     callbacks = []
     if script_args.early_stopping_patience is not None:
-        from transformers import EarlyStoppingCallback
-
         if config.eval_strategy == "no":
             raise CommandError("--early_stopping_patience needs evaluations: add --eval_strategy steps --eval_steps N")
         # set after TrainingArguments' own checks, so check here what load_best_model_at_end needs: a checkpoint at
@@ -85,7 +104,8 @@ def main(argv: Sequence[str]) -> int:
             raise CommandError("--early_stopping_patience keeps the best checkpoint, so save when you evaluate: use "
                                "the same --save_strategy as --eval_strategy and --save_steps a multiple of --eval_steps")
         config.load_best_model_at_end, config.metric_for_best_model, config.greater_is_better = True, "eval_loss", False
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=script_args.early_stopping_patience))
+        callbacks.append(_early_stopping(script_args.early_stopping_patience,
+                                                 script_args.early_stopping_min_epochs))  # fmt: skip
     resume = config.resume_from_checkpoint
     if resume == "last":
         from transformers.trainer_utils import get_last_checkpoint
