@@ -18,6 +18,7 @@ functions in ``kernels_robust_mamba2``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
 from ..checkpoint_utils import SafeCheckpointMixin
 from .cache_robust_mamba2 import RobustMamba2Cache, RobustMamba2CacheLayer, as_robust_cache
 from .configuration_robust_mamba2 import RobustMamba2Config
+from .decode_robust_mamba2 import decode_step
 from .kernels_robust_mamba2 import quadratic_scan, resolve_kernels
 from .mitigations_robust_mamba2 import (
     SlidingWindowState,
@@ -533,6 +535,17 @@ class RobustMamba2Model(RobustMamba2PreTrainedModel):
         return RobustMamba2Output(last_hidden_state=hidden_states, cache=out_cache, hidden_states=all_hidden)
 
 
+def _is_compile_failure(err: Exception) -> bool:
+    """Whether ``err`` comes from torch.compile itself (no C++ compiler, an inductor bug), not from the inputs."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = [(dynamo_exc, "BackendCompilerFailed"), (dynamo_exc, "InternalTorchDynamoError"),
+             (inductor_exc, "InductorError"), (inductor_exc, "CppCompileError")]  # fmt: skip
+    failures = tuple(c for c in (getattr(mod, name, None) for mod, name in names) if isinstance(c, type))
+    return bool(failures) and isinstance(err, failures)
+
+
 def _keep_positions(total: int, logits_to_keep, device) -> torch.Tensor | slice:
     """transformers' ``logits_to_keep``: int k>0 keeps the last k positions, 0 keeps all, a 1D tensor lists them."""
     if isinstance(logits_to_keep, int):
@@ -554,7 +567,108 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = RobustMamba2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._compiled_decode = None  # torch.compile(decode_step), see compile_decode
+        self._decode_arguments: tuple | None = None  # (key, layer weights, keyword arguments) of the compiled step
         self.post_init()
+
+    def compile_decode(self, enable: bool = True, **compile_kwargs) -> RobustMamba2ForCausalLM:
+        """Decode single sequences with a compiled step: one fused ``torch.compile`` kernel set per layer.
+
+        After this call, every one-token forward of one sequence (batch 1) with a prefilled cache, without
+        gradients, without ``sliding_window`` and without ``output_hidden_states`` (what ``generate()`` does for
+        one prompt) runs ``decode_robust_mamba2.decode_step``, every layer and the head compiled with inductor as
+        one graph. The layers' parameters are looked up once: after replacing a module (not its weights' values),
+        call ``compile_decode()`` again. On CPU this roughly halves a 130m model's step in fp32 and more in bf16 (the
+        weights are read at memory speed and the second thread helps; ``benchmarks/robust_mamba2.py``). Every other
+        call takes the eager path unchanged; ``state_norm_max`` caps and ``decay_scale`` apply on both.
+
+        The first compiled step takes tens of seconds (inductor generates and compiles C++, so a C++ compiler must
+        be installed; later processes reuse torch's on-disk cache). If compiling fails, a warning says why and the
+        model decodes eagerly.
+
+        Args:
+            enable: False switches back to the eager step.
+            compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``).
+
+        Returns:
+            The model itself.
+        """
+        self._decode_arguments = None
+        if not enable:
+            self._compiled_decode = None
+            return self
+        if self.config.use_bias:
+            raise ValueError("compile_decode supports Mamba-2's default projections without bias (use_bias=False)")
+        compile_kwargs.setdefault("dynamic", False)
+        self._compiled_decode = torch.compile(decode_step, **compile_kwargs)
+        return self
+
+    def _uses_compiled_decode(self, input_ids, inputs_embeds, cache, attention_mask, labels, output_hidden_states,
+                              logits_to_keep) -> bool:  # fmt: skip
+        if self._compiled_decode is None or torch.is_grad_enabled() or labels is not None or output_hidden_states:
+            return False
+        source = input_ids if input_ids is not None else inputs_embeds
+        if source is None or source.shape[:2] != (1, 1) or not isinstance(cache, Cache) or not cache.layers:
+            return False
+        layer = cache.layers[0]
+        if not isinstance(layer, RobustMamba2CacheLayer) or layer.ssm_state is None:
+            return False
+        if self.config.sliding_window is not None or type(self.lm_head) is not nn.Linear:
+            return False
+        if type(self.backbone.layers[0].mixer.in_proj) is not nn.Linear:  # e.g. dynamically quantized
+            return False
+        if attention_mask is not None and not bool(torch.all(attention_mask[:, -1:] == 1)):
+            return False
+        return isinstance(logits_to_keep, int)
+
+    def _decode_step_arguments(self, device) -> tuple[list, dict]:
+        """The compiled step's per-layer weights and keyword arguments, rebuilt when a mitigation field changes."""
+        key = (self.backbone._validated_mitigations, self.lm_head.weight.dtype, str(device))
+        if self._decode_arguments is not None and self._decode_arguments[0] == key:
+            return self._decode_arguments[1:]
+        layer_weights = []
+        for block in self.backbone.layers:
+            mixer = block.mixer
+            decay = mixer._mitigations(device).decay_scale
+            if decay is None:
+                decay = torch.ones(mixer.num_heads, dtype=torch.float32, device=device)
+            layer_weights.append((block.norm.weight, mixer.in_proj.weight, mixer.conv1d.weight[:, 0],
+                                  mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, decay, mixer.D, mixer.norm.weight,
+                                  mixer.out_proj.weight))  # fmt: skip
+        block, mixer = self.backbone.layers[0], self.backbone.layers[0].mixer
+        kwargs = dict(
+            norm_f_eps=self.backbone.norm_f.variance_epsilon, n_groups=mixer.n_groups,
+            state_size=mixer.ssm_state_size, head_dim=mixer.head_dim, eps=block.norm.variance_epsilon,
+            gated_eps=mixer.norm.variance_epsilon, insertion_scale=float(self.config.insertion_scale),
+            time_step_min=float(mixer.time_step_limit[0]), time_step_max=float(mixer.time_step_limit[1]),
+            residual_in_fp32=block.residual_in_fp32,
+        )  # fmt: skip
+        self._decode_arguments = (key, layer_weights, kwargs)
+        return layer_weights, kwargs
+
+    def _compiled_decode_logits(self, input_ids, inputs_embeds, cache) -> torch.Tensor:
+        """One token of one sequence through every layer with the compiled step; (1, 1, vocab) float32 logits."""
+        backbone = self.backbone
+        backbone.check_mitigations()
+        cache.mitigation_key = backbone._validated_mitigations
+        h = backbone.embeddings(input_ids[:, 0]) if inputs_embeds is None else inputs_embeds[:, 0]  # (1, d)
+        layer_weights, kwargs = self._decode_step_arguments(h.device)
+        layers = cache.layers[: len(backbone.layers)]
+        for layer in layers:  # the step updates the states in place: they must be dense
+            if not (layer.conv_state.is_contiguous() and layer.ssm_state.is_contiguous()):
+                layer.set_states(layer.conv_state.contiguous(), layer.ssm_state.contiguous())
+        logits = self._compiled_decode(h, [layer.conv_state for layer in layers],
+                                       [layer.ssm_state for layer in layers], layer_weights,
+                                       backbone.norm_f.weight, self.lm_head.weight, **kwargs)  # fmt: skip
+        t = layers[0].seen_tokens + 1
+        capping = self.config.state_norm_max is not None and t % self.config.state_norm_every == 0
+        for block, layer in zip(backbone.layers, layers):
+            if capping:  # a cap changes the state the NEXT token reads: capping after the whole step is the eager order
+                caps = block.mixer._mitigations(h.device).caps
+                if caps is not None:
+                    cap_state_norm(layer.ssm_state, caps, inplace=True)
+            layer.seen_tokens = t
+        return logits[:, None]
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of the LM head. A dynamically quantized head (``torch.ao.quantization.quantize_dynamic``)
@@ -633,6 +747,21 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
         cache, use_cache, output_hidden_states, return_dict = self.backbone._prepare_forward(
             input_ids, inputs_embeds, cache, use_cache, output_hidden_states, return_dict, kwargs
         )
+        if self._uses_compiled_decode(input_ids, inputs_embeds, cache, attention_mask, labels, output_hidden_states,
+                                      logits_to_keep):  # fmt: skip
+            try:
+                logits = self._compiled_decode_logits(input_ids, inputs_embeds, cache)
+            except Exception as err:  # noqa: BLE001 - inductor raises many types; the eager path is always right
+                if not _is_compile_failure(err):
+                    raise
+                warnings.warn(f"compile_decode: compiling the decode step failed, decoding eagerly instead ({err})",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                self._compiled_decode = None
+            else:
+                out_cache = cache if use_cache else None
+                if not return_dict:
+                    return tuple(v for v in (logits, out_cache) if v is not None)
+                return RobustMamba2CausalLMOutput(logits=logits, cache=out_cache)
         source = input_ids if input_ids is not None else inputs_embeds
         total = source.shape[1]
         keep = _keep_positions(total, logits_to_keep, source.device)
