@@ -15,8 +15,9 @@ What it does, in one run:
 3. ``llama-bench -p 512 -n 128 -r <repeats>`` at each thread count: prompt processing (pp512) and token generation
    (tg128) tokens/s.
 4. Ours in this process on the same weights (``RobustMamba2ForCausalLM.from_mamba2``), threads pinned: the median
-   cached greedy decode step at batch 1 (what ``tg`` measures) in fp32 and bf16, and a 512-token prefill, fp32 and
-   bf16 (what ``pp`` measures).
+   cached greedy decode step at batch 1 (what ``tg`` measures) in fp32 and bf16, eager and with
+   ``compile_decode()`` (the first compiled step, which compiles, is a warm-up outside the timing), and a 512-token
+   prefill, fp32 and bf16 (what ``pp`` measures).
 
 Printed ratios are ours / llama.cpp in tokens/s (higher is better for ours): fp32 against f32 and bf16 against f16,
 at the same thread count. Results are appended to ``benchmarks/results/llama_cpp_peer.jsonl``.
@@ -151,6 +152,7 @@ def main() -> int:
     ggufs = {"f32": convert(src, model_dir, "f32"), "f16": convert(src, model_dir, "f16")}
     del hf
     ours16 = copy.deepcopy(ours32).to(torch.bfloat16)  # the same weights, without building a second pair
+    compiled32, compiled16 = copy.deepcopy(ours32).compile_decode(), copy.deepcopy(ours16).compile_decode()
 
     RESULTS.mkdir(exist_ok=True)
     for threads in (int(t) for t in args.threads.split(",")):
@@ -161,10 +163,14 @@ def main() -> int:
                      "pp512": ours_prefill_tok_s(ours32, args.repeats)},
             "bf16": {"tg128": ours_decode_tok_s(ours16, args.decode_steps, args.repeats),
                      "pp512": ours_prefill_tok_s(ours16, args.repeats)},
+            # compile_decode() changes only the one-token step (the first call compiles, outside the timing)
+            "fp32_compiled": {"tg128": ours_decode_tok_s(compiled32, args.decode_steps, args.repeats)},
+            "bf16_compiled": {"tg128": ours_decode_tok_s(compiled16, args.decode_steps, args.repeats)},
         }  # fmt: skip
         print(f"threads {threads}:")
-        for ours_kind, peer_kind in (("fp32", "f32"), ("bf16", "f16")):
-            for test in ("tg128", "pp512"):
+        pairs = (("fp32", "f32"), ("bf16", "f16"), ("fp32_compiled", "f32"), ("bf16_compiled", "f16"))
+        for ours_kind, peer_kind in pairs:
+            for test in mine[ours_kind]:
                 a, b = mine[ours_kind][test], peer[peer_kind][test]
                 print(f"  {test} ours {ours_kind} {a:.1f} tok/s / llama.cpp {peer_kind} {b:.1f} tok/s = {a / b:.2f}x")
                 record = {"name": f"{test}_{ours_kind}_vs_llama_cpp_{peer_kind}", "threads": threads,

@@ -260,6 +260,17 @@ def _gemv_bandwidth(threads: int, dtype: torch.dtype) -> float:
     return w.numel() * w.element_size() / statistics.median(times)
 
 
+def _read_bandwidth(dtype: torch.dtype) -> float:
+    """Bytes per second of a plain reduction over a 256 MiB matrix: what reading the weights once costs."""
+    w = torch.empty(2**28 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype).normal_()
+    times = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        w.sum()
+        times.append(time.perf_counter() - t0)
+    return w.numel() * w.element_size() / statistics.median(times)
+
+
 def _bytes_read_per_token(model) -> int:
     """Weight bytes one decode step reads: everything but the input embedding, of which it reads one row."""
     emb = model.get_input_embeddings().weight
@@ -284,24 +295,39 @@ def _decode_stepper(model, prompt: torch.Tensor, steps: int):
 
 
 def bench_decode_step(args):
-    """One cached greedy decode step at batch 1 (the llama.cpp `tg` measurement), fp32 and bf16, ours vs transformers,
-    beside the weight-read bound measured in this process."""
+    """One cached greedy decode step at batch 1 (the llama.cpp `tg` measurement), fp32 and bf16: ours (eager and
+    with ``compile_decode()``) vs transformers, beside the weight-read bound measured in this process."""
+    import copy
+
     hf32, ours32 = _pair(M130)
     for dtype in (torch.float32, torch.bfloat16):
         hf, ours = (hf32, ours32) if dtype == torch.float32 else (hf32.to(dtype), ours32.to(dtype))
+        compiled = copy.deepcopy(ours).compile_decode()
         prompt = torch.randint(0, M130["vocab_size"], (1, 8))
+        t0 = time.perf_counter()
+        _decode_stepper(compiled, prompt, 1)()  # compiles (inductor's on-disk cache makes later runs faster)
+        compile_s = time.perf_counter() - t0
         o, b = interleaved_median(_decode_stepper(ours, prompt, args.decode_steps),
                                   _decode_stepper(hf, prompt, args.decode_steps), repeats=args.repeats)  # fmt: skip
-        o, b = o / args.decode_steps, b / args.decode_steps
+        c, o2 = interleaved_median(_decode_stepper(compiled, prompt, args.decode_steps),
+                                   _decode_stepper(ours, prompt, args.decode_steps), repeats=args.repeats)  # fmt: skip
+        o, b, c, o2 = (v / args.decode_steps for v in (o, b, c, o2))
         read = _bytes_read_per_token(ours)
         bw = _gemv_bandwidth(args.threads, dtype)
+        rd = _read_bandwidth(dtype)
         name = "fp32" if dtype == torch.float32 else "bf16"
         report(SCRIPT, f"decode_step_130m_batch1_{name}", o, b, args.repeats, args.threads, ours_tok_s=1 / o,
                transformers_tok_s=1 / b, bytes_read_mb=read / 1e6, gemv_gb_s=bw / 1e9, bound_tok_s=bw / read,
                ours_over_bound=(1 / o) / (bw / read))  # fmt: skip
+        report(SCRIPT, f"decode_step_130m_batch1_{name}_compiled_vs_eager", c, o2, args.repeats, args.threads,
+               compiled_tok_s=1 / c, eager_tok_s=1 / o2, transformers_tok_s=1 / b, compile_s=compile_s,
+               read_gb_s=rd / 1e9, read_bound_tok_s=rd / read, compiled_over_read_bound=(1 / c) / (rd / read))  # fmt: skip
         print(f"  {name}: ours {1 / o:.1f} tok/s, transformers {1 / b:.1f} tok/s ({b / o:.2f}x); weight-read bound "
               f"{bw / read:.1f} tok/s ({read / 1e6:.0f} MB read per token at {bw / 1e9:.1f} GB/s gemv), ours at "
               f"{(1 / o) / (bw / read):.2f} of it")  # fmt: skip
+        print(f"  {name} compile_decode(): {1 / c:.1f} tok/s = {o2 / c:.2f}x our eager step, {b / c:.2f}x "
+              f"transformers; plain-read bound {rd / read:.1f} tok/s ({rd / 1e9:.1f} GB/s), compiled at "
+              f"{(1 / c) / (rd / read):.2f} of it (first step, compiling: {compile_s:.0f} s)")  # fmt: skip
     # int8 weights with torch's dynamic quantization (every Linear, LM head included) against our fp32
     import warnings
 

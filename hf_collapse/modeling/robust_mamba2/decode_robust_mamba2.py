@@ -8,9 +8,8 @@ reduction inductor vectorises and parallelises itself, converting bf16 weights i
 of the benchmarks it reads fp32 weights at 18 GB/s on one thread and bf16 at 13 GB/s, and the second thread helps
 (``benchmarks/robust_mamba2.py --parts decode_step``).
 
-Enabled with ``RobustMamba2ForCausalLM.compile_decode()``. The functions are also correct in eager mode (the
-``(W * x).sum(-1)`` form is then slow, which is why nothing calls them uncompiled), and ``tests/`` check them
-against the eager decode path.
+Enabled with ``RobustMamba2ForCausalLM.compile_decode()``. The functions also run eagerly (``_matvec`` then calls
+``F.linear``), which is how ``tests/`` check them against the float64 reference.
 
 Shapes: d hidden, h heads, p head_dim, n state size, g groups, k conv kernel, c conv channels (h·p + 2·g·n).
 """
@@ -24,8 +23,13 @@ __all__ = ["decode_layer_step", "decode_head_logits", "decode_step"]
 
 
 def _matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) @ (cols,) -> (rows,) float32, accumulated in float32; compiled, a single fused reduction."""
-    return (weight.float() * x.float()).sum(-1)
+    """(rows, cols) @ (cols,) -> (rows,) float32, accumulated in float32.
+
+    Compiled, ``(W * x).sum(-1)`` is one fused reduction that never materialises ``W * x``; run eagerly (dynamo
+    falling back, e.g. past its recompile limit) it would, so eager mode takes ``F.linear``."""
+    if torch.compiler.is_compiling():
+        return (weight.float() * x.float()).sum(-1)
+    return F.linear(x.to(weight.dtype), weight).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -126,6 +130,7 @@ def decode_step(
     head_weight: torch.Tensor,
     *,
     norm_f_eps: float,
+    num_threads: int,
     **layer_kwargs,
 ) -> torch.Tensor:
     """Every layer and the head for one token of one sequence: (1, d) embedding -> (1, vocab) float32 logits.
@@ -137,6 +142,8 @@ def decode_step(
         conv_states / ssm_states: one per layer, updated in place.
         layer_weights: one tuple per layer, in ``decode_layer_step``'s order: (norm_weight, in_proj_weight,
             conv_weight, conv_bias, dt_bias, A_log, decay_scale, D, gated_norm_weight, out_proj_weight).
+        num_threads: ``torch.get_num_threads()``. Unused by the arithmetic; torch.compile guards on it, so a new
+            thread count recompiles: inductor writes the thread count into its C++ loops.
         layer_kwargs: ``decode_layer_step``'s keyword arguments, the same for every layer.
     """
     for conv_state, ssm_state, weights in zip(conv_states, ssm_states, layer_weights):

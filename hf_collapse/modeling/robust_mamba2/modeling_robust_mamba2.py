@@ -659,7 +659,8 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
                 layer.set_states(layer.conv_state.contiguous(), layer.ssm_state.contiguous())
         logits = self._compiled_decode(h, [layer.conv_state for layer in layers],
                                        [layer.ssm_state for layer in layers], layer_weights,
-                                       backbone.norm_f.weight, self.lm_head.weight, **kwargs)  # fmt: skip
+                                       backbone.norm_f.weight, self.lm_head.weight,
+                                       num_threads=torch.get_num_threads(), **kwargs)  # fmt: skip
         t = layers[0].seen_tokens + 1
         capping = self.config.state_norm_max is not None and t % self.config.state_norm_every == 0
         for block, layer in zip(backbone.layers, layers):
