@@ -588,7 +588,9 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
 
         Args:
             enable: False switches back to the eager step.
-            compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``).
+            compile_kwargs: passed to ``torch.compile``. Defaults: ``dynamic=False`` and, unless ``mode`` is given,
+                ``options={"size_asserts": False}`` (inductor's per-call stride checks of every buffer cost more than
+                the step's arithmetic on a small model; dynamo's guards already check the inputs).
 
         Returns:
             The model itself.
@@ -600,6 +602,8 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
         if self.config.use_bias:
             raise ValueError("compile_decode supports Mamba-2's default projections without bias (use_bias=False)")
         compile_kwargs.setdefault("dynamic", False)
+        if "mode" not in compile_kwargs:
+            compile_kwargs["options"] = {"size_asserts": False, **compile_kwargs.get("options", {})}
         self._compiled_decode = torch.compile(decode_step, **compile_kwargs)
         return self
 
