@@ -22,14 +22,35 @@ import torch.nn.functional as F
 __all__ = ["decode_layer_step", "decode_head_logits", "decode_step"]
 
 
-def _matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("hf_collapse::materialize", mutates_args=())
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    """Identity. An opaque op for inductor: the matrix-vector product after it reads a finished float32 vector
+    instead of recomputing the norm that produced it once per weight row (measured: the recomputation made the
+    bf16 products compute-bound)."""
+    return x.clone()
+
+
+@_materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _matvec(weight: torch.Tensor, x: torch.Tensor, split_input: bool = False) -> torch.Tensor:
     """(rows, cols) @ (cols,) -> (rows,) float32, accumulated in float32.
 
-    Compiled, ``(W * x).sum(-1)`` is one fused reduction that never materialises ``W * x``; run eagerly (dynamo
-    falling back, e.g. past its recompile limit) it would, so eager mode takes ``F.linear``."""
-    if torch.compiler.is_compiling():
-        return (weight.float() * x.float()).sum(-1)
-    return F.linear(x.to(weight.dtype), weight).float()
+    Compiled, it is one fused reduction that never materialises ``W * x``, written as 4 partial sums per row (4
+    independent accumulator chains: 1.4x faster on one thread than one sum). ``split_input`` puts the opaque
+    ``_materialize`` before it: inductor otherwise inlines whatever computed ``x`` (a norm) into the inner loop and
+    recomputes it per weight row, which makes a one-thread step compute-bound; with two threads the fused form
+    parallelises better than the split one (both measured, ``docs/robust_mamba2.md``). Run eagerly (dynamo falling
+    back, e.g. past its recompile limit) the reduction form would materialise ``W * x``, so eager mode takes
+    ``F.linear``."""
+    if not torch.compiler.is_compiling():
+        return F.linear(x.to(weight.dtype), weight).float()
+    x = _materialize(x.float()) if split_input else x.float()
+    rows, cols = weight.shape
+    parts = 4 if cols % 4 == 0 else 1
+    return (weight.float().view(rows, parts, cols // parts) * x.view(parts, cols // parts)).sum(-1).sum(-1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -63,6 +84,7 @@ def decode_layer_step(
     time_step_min: float,
     time_step_max: float,
     residual_in_fp32: bool,
+    split_input: bool = False,
 ) -> torch.Tensor:
     """One Mamba-2 block (norm, mixer, residual) for one token of one sequence; the states are updated in place.
 
@@ -82,7 +104,7 @@ def decode_layer_step(
     gn = n_groups * state_size
     # Mamba2Block casts its input to the norm's dtype first (a float32 residual becomes bf16 in a bf16 model)
     x_in = _rms_norm(hidden[0].to(norm_weight.dtype), norm_weight, eps, norm_weight.dtype)  # (d,)
-    projected = _matvec(in_proj_weight, x_in).to(dtype)  # (2·inner + 2·g·n + h,)
+    projected = _matvec(in_proj_weight, x_in, split_input).to(dtype)  # (2·inner + 2·g·n + h,)
     gate, xBC, dt = projected.split([inner, inner + 2 * gn, heads])
 
     # depthwise causal conv over the last k inputs (conv_state shifted in place)
@@ -110,15 +132,16 @@ def decode_layer_step(
     yg = yg.view(n_groups, -1)
     yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + gated_eps)
     y = gated_norm_weight * yg.reshape(inner).to(dtype)
-    out = _matvec(out_proj_weight, y.to(out_proj_weight.dtype)).to(dtype)  # (d,)
+    out = _matvec(out_proj_weight, y.to(out_proj_weight.dtype), split_input).to(dtype)  # (d,)
     residual = hidden[0].float() if residual_in_fp32 else hidden[0]
     return (residual + out)[None]
 
 
-def decode_head_logits(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor):
+def decode_head_logits(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,
+                       split_input: bool = False) -> torch.Tensor:  # fmt: skip
     """``norm_f`` then the LM head for one token of one sequence: (1, d) -> (1, vocab) float32 logits."""
     x = _rms_norm(hidden[0], norm_weight, eps, hidden.dtype)
-    return _matvec(head_weight, x.to(head_weight.dtype))[None]
+    return _matvec(head_weight, x.to(head_weight.dtype), split_input)[None]
 
 
 def decode_step(
@@ -142,10 +165,11 @@ def decode_step(
         conv_states / ssm_states: one per layer, updated in place.
         layer_weights: one tuple per layer, in ``decode_layer_step``'s order: (norm_weight, in_proj_weight,
             conv_weight, conv_bias, dt_bias, A_log, decay_scale, D, gated_norm_weight, out_proj_weight).
-        num_threads: ``torch.get_num_threads()``. Unused by the arithmetic; torch.compile guards on it, so a new
-            thread count recompiles: inductor writes the thread count into its C++ loops.
+        num_threads: ``torch.get_num_threads()``. torch.compile guards on it, so a new thread count recompiles:
+            inductor writes the thread count into its C++ loops. It also picks ``split_input`` (one thread only).
         layer_kwargs: ``decode_layer_step``'s keyword arguments, the same for every layer.
     """
+    split = num_threads == 1
     for conv_state, ssm_state, weights in zip(conv_states, ssm_states, layer_weights):
-        hidden = decode_layer_step(hidden, conv_state, ssm_state, *weights, **layer_kwargs)
-    return decode_head_logits(hidden, norm_f_weight, norm_f_eps, head_weight)
+        hidden = decode_layer_step(hidden, conv_state, ssm_state, *weights, split_input=split, **layer_kwargs)
+    return decode_head_logits(hidden, norm_f_weight, norm_f_eps, head_weight, split)
