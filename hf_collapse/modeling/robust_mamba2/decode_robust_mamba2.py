@@ -22,17 +22,30 @@ import torch.nn.functional as F
 __all__ = ["decode_layer_step", "decode_head_logits", "decode_step"]
 
 
-@torch.library.custom_op("hf_collapse::materialize", mutates_args=())
-def _materialize(x: torch.Tensor) -> torch.Tensor:
-    """Identity. An opaque op for inductor: the matrix-vector product after it reads a finished float32 vector
-    instead of recomputing the norm that produced it once per weight row (measured: the recomputation made the
-    bf16 products compute-bound)."""
-    return x.clone()
+def _materialize_op():
+    """``hf_collapse::materialize``: an identity op that is opaque to inductor, defined once per process.
+
+    Inductor inlines whatever computed a matrix-vector product's input (a norm) into the product's inner loop and
+    recomputes it per weight row; behind this op the product reads a finished float32 vector instead. Defined
+    lazily, and only if absent, because this module can be imported twice (hf_collapse and a ``trust_remote_code``
+    copy of the same file) and an op name can be registered only once."""
+    try:
+        return torch.ops.hf_collapse.materialize.default
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("hf_collapse::materialize", mutates_args=())
+    def materialize(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @materialize.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    return torch.ops.hf_collapse.materialize.default
 
 
-@_materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+_MATERIALIZE = _materialize_op()
 
 
 def _matvec(weight: torch.Tensor, x: torch.Tensor, split_input: bool = False) -> torch.Tensor:
@@ -40,14 +53,14 @@ def _matvec(weight: torch.Tensor, x: torch.Tensor, split_input: bool = False) ->
 
     Compiled, it is one fused reduction that never materialises ``W * x``, written as 4 partial sums per row (4
     independent accumulator chains: 1.4x faster on one thread than one sum). ``split_input`` puts the opaque
-    ``_materialize`` before it: inductor otherwise inlines whatever computed ``x`` (a norm) into the inner loop and
-    recomputes it per weight row, which makes a one-thread step compute-bound; with two threads the fused form
+    ``hf_collapse::materialize`` before it: inductor otherwise inlines whatever computed ``x`` (a norm) into the
+    inner loop and recomputes it per weight row, which makes a one-thread step compute-bound; with two threads the fused form
     parallelises better than the split one (both measured, ``docs/robust_mamba2.md``). Run eagerly (dynamo falling
     back, e.g. past its recompile limit) the reduction form would materialise ``W * x``, so eager mode takes
     ``F.linear``."""
     if not torch.compiler.is_compiling():
         return F.linear(x.to(weight.dtype), weight).float()
-    x = _materialize(x.float()) if split_input else x.float()
+    x = _MATERIALIZE(x.float()) if split_input else x.float()
     rows, cols = weight.shape
     parts = 4 if cols % 4 == 0 else 1
     return (weight.float().view(rows, parts, cols // parts) * x.view(parts, cols // parts)).sum(-1).sum(-1)
