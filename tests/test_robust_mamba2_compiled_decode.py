@@ -15,6 +15,8 @@ import warnings
 import pytest
 import torch
 from reference_mamba2 import TINY, reference_logits
+from test_robust_mamba2 import PREFILL
+from test_robust_mamba2 import _decoded as _decode_logits  # prefill PREFILL tokens, then one token per forward
 
 from hf_collapse import RobustMamba2Config, RobustMamba2ForCausalLM
 from hf_collapse.modeling.robust_mamba2 import RobustMamba2Cache
@@ -22,7 +24,7 @@ from hf_collapse.modeling.robust_mamba2.decode_robust_mamba2 import decode_step
 
 torch.set_num_threads(1)
 
-PREFILL, T = 5, 17
+T = 17
 HAS_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 MITIGATIONS = [
     {},
@@ -39,17 +41,6 @@ def _model(**mitigations) -> RobustMamba2ForCausalLM:
 
 def _ids(length=T):
     return torch.randint(3, TINY["vocab_size"], (1, length), generator=torch.Generator().manual_seed(1))
-
-
-@torch.no_grad()
-def _decode_logits(model, ids) -> torch.Tensor:
-    """Prefill PREFILL tokens, then one token per forward: (1, T, vocab)."""
-    out = model(ids[:, :PREFILL], use_cache=True)
-    cache, logits = out.cache, [out.logits]
-    for t in range(PREFILL, ids.shape[1]):
-        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
 
 
 @pytest.mark.parametrize("mitigation", MITIGATIONS, ids=["plain", "decay_table", "caps", "insertion_decay"])
