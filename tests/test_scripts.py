@@ -153,17 +153,17 @@ def test_train_prefixes_early_stopping_and_resume_last(tmp_path, capsys):
     assert "needs --eval_data" in capsys.readouterr().err
 
 
-def test_train_prefixes_early_stopping_waits_for_min_epochs(tmp_path, capsys):
+def test_train_prefixes_early_stopping_min_epochs_and_threshold(tmp_path, capsys):
     """With a learning rate of 0 the held-out loss never improves: patience 1 stops at the second evaluation, unless
     --early_stopping_min_epochs asks for two full passes over the 24 texts (6 steps of 4 each) first."""
     import json
 
     model_dir, data = _tiny_lm_and_data(tmp_path)
 
-    def steps_run(out, *extra):
+    def steps_run(out, *extra, lr="0"):
         rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
                    "negative", "--output_dir", str(out), "--num_virtual_tokens", "4", "--num_train_epochs", "5",
-                   "--per_device_train_batch_size", "4", "--learning_rate", "0", "--use_cpu", "--eval_data", str(data),
+                   "--per_device_train_batch_size", "4", "--learning_rate", lr, "--use_cpu", "--eval_data", str(data),
                    "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
                    "--early_stopping_patience", "1", *extra])  # fmt: skip
         assert rc == 0
@@ -173,6 +173,11 @@ def test_train_prefixes_early_stopping_waits_for_min_epochs(tmp_path, capsys):
 
     assert steps_run(tmp_path / "a") == 2
     assert steps_run(tmp_path / "b", "--early_stopping_min_epochs", "2") == 12  # step 12 ends epoch 2
+    # a learning rate that lowers the held-out loss at every step: only improvements below the threshold stop it
+    assert steps_run(tmp_path / "d", "--num_train_epochs", "1", lr="1e-2") == 6
+    assert steps_run(tmp_path / "e", "--num_train_epochs", "1", "--early_stopping_threshold", "100", lr="1e-2") == 2
     assert main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
                  "--output_dir", str(tmp_path / "c"), "--early_stopping_min_epochs", "nan"]) == 2  # fmt: skip
+    assert main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",
+                 "--output_dir", str(tmp_path / "c"), "--early_stopping_threshold", "0.1"]) == 2  # fmt: skip
     assert "early_stopping_min_epochs" in capsys.readouterr().err

@@ -98,6 +98,7 @@ def stage_train(task: str, a) -> None:
         "--warmup_steps", "0.02", "--weight_decay", "0.0", "--logging_steps", "20", "--eval_strategy", "steps",
         "--eval_steps", str(a.eval_steps), "--save_strategy", "steps", "--save_steps", str(a.eval_steps),
         "--save_total_limit", "2", "--early_stopping_patience", "3", "--early_stopping_min_epochs", "1",
+        "--early_stopping_threshold", str(a.early_stopping_threshold),
         "--resume_from_checkpoint", "last",
         "--use_cpu", str(not torch.cuda.is_available()).lower(), "--seed", "0", "--disable_tqdm", "true",
         "--max_steps", str(a.max_steps),
@@ -325,6 +326,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=5.0, help="upper bound; early stopping usually ends sooner")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--eval_steps", type=int, default=100)
+    ap.add_argument("--early_stopping_threshold", type=float, default=0.005,
+                    help="converged: 3 evaluations in a row without a held-out loss at least this far (nats/token) "
+                    "below the best")  # fmt: skip
     ap.add_argument("--max_steps", type=int, default=-1, help="cap on training steps (smoke tests); -1: epochs")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--length", type=int, default=50)

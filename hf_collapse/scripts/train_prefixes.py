@@ -47,6 +47,11 @@ class TrainPrefixesScriptArguments:
         metadata={"help": "Stop when the held-out loss has not improved for this many evaluations, and keep the best "
                   "prefixes (needs --eval_data; sets load_best_model_at_end with metric eval_loss)."},
     )  # fmt: skip
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={"help": "Least decrease of the held-out loss that counts as an improvement for "
+                  "--early_stopping_patience (nats per token; 0: any decrease)."},
+    )  # fmt: skip
     early_stopping_min_epochs: float = field(
         default=0.0,
         metadata={"help": "Evaluations before this many epochs never count towards --early_stopping_patience, so "
@@ -62,13 +67,17 @@ class TrainPrefixesScriptArguments:
         check_number("--", "early_stopping_patience", self.early_stopping_patience, integer=True, minimum=1,
                      allow_none=True)  # fmt: skip
         check_number("--", "early_stopping_min_epochs", self.early_stopping_min_epochs, minimum=0.0)
+        check_number("--", "early_stopping_threshold", self.early_stopping_threshold, minimum=0.0)
         if self.early_stopping_patience is not None and self.eval_data is None:
             raise CommandError("--early_stopping_patience needs --eval_data (the held-out loss it watches)")
-        if self.early_stopping_min_epochs > 0 and self.early_stopping_patience is None:
-            raise CommandError("--early_stopping_min_epochs only applies with --early_stopping_patience")
+        if (self.early_stopping_min_epochs > 0 or self.early_stopping_threshold > 0) and (
+            self.early_stopping_patience is None
+        ):
+            raise CommandError("--early_stopping_min_epochs and --early_stopping_threshold only apply with "
+                               "--early_stopping_patience")  # fmt: skip
 
 
-def _early_stopping(patience: int, min_epochs: float):
+def _early_stopping(patience: int, min_epochs: float, threshold: float = 0.0):
     """`EarlyStoppingCallback` whose patience only starts counting once `min_epochs` epochs are done."""
     from transformers import EarlyStoppingCallback
 
@@ -78,7 +87,7 @@ def _early_stopping(patience: int, min_epochs: float):
             if (state.epoch or 0.0) < min_epochs:
                 self.early_stopping_patience_counter = 0
 
-    return MinEpochsEarlyStopping(early_stopping_patience=patience)
+    return MinEpochsEarlyStopping(early_stopping_patience=patience, early_stopping_threshold=threshold)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -104,8 +113,8 @@ def main(argv: Sequence[str]) -> int:
             raise CommandError("--early_stopping_patience keeps the best checkpoint, so save when you evaluate: use "
                                "the same --save_strategy as --eval_strategy and --save_steps a multiple of --eval_steps")
         config.load_best_model_at_end, config.metric_for_best_model, config.greater_is_better = True, "eval_loss", False
-        callbacks.append(_early_stopping(script_args.early_stopping_patience,
-                                                 script_args.early_stopping_min_epochs))  # fmt: skip
+        callbacks.append(_early_stopping(script_args.early_stopping_patience, script_args.early_stopping_min_epochs,
+                                         script_args.early_stopping_threshold))  # fmt: skip
     resume = config.resume_from_checkpoint
     if resume == "last":
         from transformers.trainer_utils import get_last_checkpoint
