@@ -1,7 +1,11 @@
 """Train the bundled `sentiment-judge` (hashed-BoW logistic regression) used by `hf-collapse demo`.
 
 Uses ../shared/data/sentiment/sst2_alps (SST-2: train.tsv to train, test.tsv = GLUE dev to measure accuracy).
-It is disjoint from the Rotten Tomatoes sentences the sentiment prefixes are trained on.
+It is NOT disjoint from the Rotten Tomatoes sentences (rt-polarity) the sentiment prefixes are trained on: SST is
+built from the same snippets. By normalised match (lower case, letters and digits only), 4,850 of the 10,662
+rt-polarity sentences occur in SST-2 train, 680 in test.tsv (GLUE dev) and 651 in the alps dev split. The prefix data
+of the Air-Decoding protocol run (`examples/air_decoding/prefix_data.py`) therefore drops every rt-polarity sentence
+found in test.tsv or dev.tsv (1,331), so the judge's test sentences stay unseen by the prefixes.
 
     python examples/sentiment_judge/train_judge.py --out checkpoints/sentiment-judge
 """
