@@ -130,7 +130,10 @@ def stage_generate(task: str, data: Path, a) -> None:
     done = set()
     if out_path.exists():
         done = {(r["method"], r["strength"], r["target"]) for r in map(json.loads, out_path.open())}
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    # prompts go through generate() in chunks: the 203 detox prompts x 10 samples x (1 + 2 prefix rows) at once would
+    # need a ~28 GB cache
+    chunks = [prompts[i : i + a.prompt_batch] for i in range(0, len(prompts), a.prompt_batch)]
+    encoded = [tok(c, return_tensors="pt", padding=True) for c in chunks]
     for method, lam in grid:
         for target in spec["targets"]:
             if (method, lam, target) in done:
@@ -139,16 +142,18 @@ def stage_generate(task: str, data: Path, a) -> None:
             kw = dict(do_sample=True, top_k=200, top_p=1.0, temperature=1.0, max_new_tokens=a.length,
                       min_new_tokens=a.length, num_return_sequences=a.samples, pad_token_id=tok.pad_token_id)  # fmt: skip
             t0 = time.time()
-            with torch.no_grad():
-                if method == "plain":
-                    seqs = model.generate(**enc, **kw)
-                else:
-                    cls = AirDecodingLogitsProcessor if method == "air" else WeightedDecodingLogitsProcessor
-                    seqs = fused.generate(**enc, logits_processor=[cls(fused, target, lam)], **kw)
-            rows = [{"method": method, "strength": lam, "target": target, "seed": a.seed,
-                     "prompt": prompts[i // a.samples],
-                     "continuation": tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True)}
-                    for i, s in enumerate(seqs)]  # fmt: skip
+            rows = []
+            for chunk, enc in zip(chunks, encoded):
+                with torch.no_grad():
+                    if method == "plain":
+                        seqs = model.generate(**enc, **kw)
+                    else:
+                        cls = AirDecodingLogitsProcessor if method == "air" else WeightedDecodingLogitsProcessor
+                        seqs = fused.generate(**enc, logits_processor=[cls(fused, target, lam)], **kw)
+                rows += [{"method": method, "strength": lam, "target": target, "seed": a.seed,
+                          "prompt": chunk[i // a.samples],
+                          "continuation": tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True)}
+                         for i, s in enumerate(seqs)]  # fmt: skip
             with out_path.open("a") as f:  # one (method, λ, target) block at a time: a stop loses at most one
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
             print(f"{method} λ={lam:g} target={target}: {len(rows)} texts in {time.time() - t0:.0f} s", flush=True)
@@ -246,9 +251,11 @@ def stage_report(task: str, data: Path, a) -> None:
                if math.isfinite(x)]  # fmt: skip
         row["ppl_mean"], row["ppl_median"] = statistics.mean(ppl), statistics.median(ppl)
         parts: dict = {}
-        for r in rs:  # Dist-n per target: plain sampling gives the same texts for every target
-            parts.setdefault(r["target"], []).append(r["continuation"])
-        ds = [dist_n(v) for v in parts.values()]
+        for r in rs:
+            parts.setdefault((r["prompt"], r["target"]), []).append(r["continuation"])
+        # Dist-n falls with the number of texts it is computed over: per prompt and target, over the first
+        # --samples continuations (the official outputs have 50 per prompt and target, ours --samples), averaged
+        ds = [dist_n(v[: a.samples]) for v in parts.values()]
         row.update({k: statistics.mean(x[k] for x in ds) for k in ds[0]})
         table.append(row)
         print({k: v for k, v in row.items()}, flush=True)
@@ -260,7 +267,8 @@ def stage_report(task: str, data: Path, a) -> None:
 def write_table(task: str, table: list[dict], judge_info: dict) -> None:
     head = (f"Judge: all-MiniLM-L6-v2 fine-tuned on {judge_info['train_texts']} texts, held-out accuracy "
             f"{judge_info['held_out_accuracy']:.3f} ({judge_info['held_out_texts']} texts). Perplexity: SmolLM2-135M "
-            "without prefix, continuation tokens only. Accuracy: mean [95% interval, bootstrap over prompts].\n\n")  # fmt: skip
+            "without prefix, continuation tokens only. Accuracy: mean [95% interval, bootstrap over prompts]. Dist-n: "
+            "per prompt and target over its first --samples continuations, averaged.\n\n")  # fmt: skip
     if task == "detox":
         cols = ["avg_max_toxicity", "toxic_prompt_fraction"]
     else:
@@ -333,6 +341,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--length", type=int, default=50)
     ap.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts (smoke tests)")
+    ap.add_argument("--prompt_batch", type=int, default=20, help="prompts per generate() call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results_dir", default=str(HERE), help="where generations, tables and plots go")
     ap.add_argument("--runs_dir", default=str(RUNS), help="prefix data, prefixes and judges")
