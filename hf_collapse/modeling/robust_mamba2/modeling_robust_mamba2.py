@@ -795,7 +795,7 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
                     seg_logits.reshape(-1, seg_logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
                 )
                 loss_sum = seg_loss if loss_sum is None else loss_sum + seg_loss
-                n_tokens += int((target != -100).sum())
+                n_tokens = n_tokens + (target != -100).sum()  # a tensor: no host sync (and no torch.compile break)
             if h_keep.shape[1] > 0:
                 if seg_logits is not None and isinstance(keep, slice):
                     kept_logits.append(seg_logits[:, sel])
@@ -812,7 +812,7 @@ class RobustMamba2ForCausalLM(RobustMamba2PreTrainedModel, GenerationMixin):
         )
         loss = None
         if labels is not None:
-            denom = num_items if num_items is not None else max(n_tokens, 1)
+            denom = num_items if num_items is not None else torch.clamp(torch.as_tensor(n_tokens), min=1)
             if isinstance(denom, torch.Tensor):
                 denom = denom.to(loss_sum.device)
             loss = loss_sum / denom
