@@ -134,9 +134,19 @@ def stage_generate(task: str, data: Path, a) -> None:
     # need a ~28 GB cache
     chunks = [prompts[i : i + a.prompt_batch] for i in range(0, len(prompts), a.prompt_batch)]
     encoded = [tok(c, return_tensors="pt", padding=True) for c in chunks]
+    plain_rows = None  # plain sampling ignores the target: with the same seed every target gets the same texts
+    if out_path.exists():
+        plain_rows = [r for r in map(json.loads, out_path.open()) if r["method"] == "plain"] or None
     for method, lam in grid:
         for target in spec["targets"]:
             if (method, lam, target) in done:
+                continue
+            if method == "plain" and plain_rows:
+                first = plain_rows[0]["target"]
+                rows = [{**r, "target": target} for r in plain_rows if r["target"] == first]
+                with out_path.open("a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in rows))
+                print(f"plain target={target}: the {len(rows)} texts of target={first} (same seed)", flush=True)
                 continue
             torch.manual_seed(a.seed)  # the same seed for every method, strength and target
             kw = dict(do_sample=True, top_k=200, top_p=1.0, temperature=1.0, max_new_tokens=a.length,
@@ -156,6 +166,8 @@ def stage_generate(task: str, data: Path, a) -> None:
                          for i, s in enumerate(seqs)]  # fmt: skip
             with out_path.open("a") as f:  # one (method, λ, target) block at a time: a stop loses at most one
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
+            if method == "plain":
+                plain_rows = rows
             print(f"{method} λ={lam:g} target={target}: {len(rows)} texts in {time.time() - t0:.0f} s", flush=True)
 
 
