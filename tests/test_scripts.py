@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,7 +126,11 @@ def test_train_prefixes_then_generate(tmp_path, capsys):
                "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--save_strategy", "no",
                "--use_cpu", "--gate_data", str(data), "--gate_min", "0"])  # fmt: skip
     assert rc == 0 and (out / "attribute_prefixes.json").is_file()
-    assert "prefix gate on 24 held-out texts: accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    gate = json.loads((out / "prefix_gate.json").read_text())
+    assert f"prefix gate on 24 held-out texts: accuracy {gate['accuracy']:.4f}" in printed
+    assert gate["n"] == 24 and set(gate["per_attribute"]) == {"positive", "negative"} and gate["passed"]
+    assert not list(out.glob(".*.tmp"))
     rc = main(["generate", "--model", str(model_dir), "--prefixes", str(out), "--attribute", "positive", "--strength",
                "140", "--num_samples", "2", "--max_new_tokens", "4", "the movie"])  # fmt: skip
     assert rc == 0

@@ -7,7 +7,7 @@
 Reads the attribute prefixes written by `run_experiment.py train` (in runs/prefixes/<task>)
 and writes them again with `hf_collapse.modeling.attribute_prefixes.write_attribute_prefixes`: the Hub base model is
 named in `attribute_prefixes.json` and in every `adapter_config.json`, the prompt prefix the prefixes were trained with
-is recorded (`start_text`, `start_token_id`: `AttributePrefixModel` applies it itself), the model card carries the experiment's table from docs/air_decoding.md, and the Trainer's
+is recorded (`start_text`, `start_token_id`: `AttributePrefixModel` applies it itself), the model card carries the quality gate, the training summary and the protocol table (`protocol_results_<task>.md`), and the Trainer's
 pickled `training_args.bin` is left behind (bundled checkpoints hold safetensors and JSON only).
 """
 
@@ -20,6 +20,53 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 START = "<|endoftext|>"
 START_ID = 0  # SmolLM2's <|endoftext|>
+DATASETS = {"sentiment": ["cornell-movie-review-data/rotten_tomatoes"], "topic": ["fancyzhx/ag_news"],
+            "detox": ["google/jigsaw_toxicity_pred"]}  # fmt: skip
+GATE_SET = {"sentiment": "SST-2 test (the GLUE dev sentences)", "topic": "AG News test",
+            "detox": "the held-out Jigsaw fifth"}  # fmt: skip
+
+
+def gate_result(task: str, src: Path) -> dict:
+    """The quality gate `train-prefixes --gate_data` recorded (prefix_gate.json); computed here for runs that predate
+    the record (the same `prefix_gate` on the same held-out file)."""
+    import json
+
+    recorded = src / "prefix_gate.json"
+    if recorded.is_file():
+        return json.loads(recorded.read_text())
+    gate_file = src.parent.parent / "prefix_data" / f"{task}_gate.jsonl"
+    if not gate_file.is_file():
+        raise SystemExit(f"no prefix_gate.json in {src} and no {gate_file}: run run_experiment.py data/train first")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_collapse import AttributePrefixModel
+    from hf_collapse.evals.prefix_gate import prefix_gate
+
+    lm_dir = Path.home() / ".cache" / "hf_collapse" / "smollm2-135m"
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    attr = AttributePrefixModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm_dir).eval(), src,
+                                                tokenizer=tok)  # fmt: skip
+    rows = [json.loads(x) for x in gate_file.open() if x.strip()]
+    with torch.no_grad():
+        gate = prefix_gate(attr, tok, [r["text"] for r in rows], [r["attribute"] for r in rows], max_length=64)
+    return {"gate_data": str(gate_file), **{k: gate[k] for k in ("n", "accuracy", "per_attribute")}}
+
+
+def training_summary(task: str) -> str:
+    """Steps, epochs and held-out loss of the protocol run (`protocol_prefixes_<task>.json`)."""
+    import json
+
+    path = HERE / f"protocol_prefixes_{task}.json"
+    if not path.is_file():
+        return "Short training (60 steps, an early run)."
+    curve = json.loads(path.read_text())["curve"]
+    evals = [r for r in curve if "eval_loss" in r]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    return (f"Trained with early stopping on the held-out next-token loss ({len(evals)} evaluations, stopped at step "
+            f"{evals[-1]['step']}, epoch {evals[-1]['epoch']:.2f}; these are the best prefixes, step {best['step']}, "
+            f"held-out loss {best['eval_loss']:.3f} nats/token, from {evals[0]['eval_loss']:.3f} at the first "
+            "evaluation).")  # fmt: skip
 
 
 def experiment_table(task: str) -> str:
@@ -60,13 +107,18 @@ def main() -> None:
     peft_config = PrefixTuningConfig.from_pretrained(str(src / attributes[0]))
     base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-    datasets = ["cornell-movie-review-data/rotten_tomatoes"] if a.task == "sentiment" else ["fancyzhx/ag_news"]
+    gate = gate_result(a.task, src)
+    per = ", ".join(f"{k} {v:.3f}" for k, v in gate["per_attribute"].items())
+    gate_line = (f"**Quality gate** (the classifier the prefixes imply: argmax over attributes of a text's "
+                 f"log-likelihood under each prefix) on {GATE_SET[a.task]}, {gate['n']} texts: accuracy "
+                 f"**{gate['accuracy']:.3f}** ({per}).")  # fmt: skip
+    protocol = (HERE / f"protocol_results_{a.task}.md").is_file()
     card = make_model_card(
         "attribute_prefixes",
         model_id=out.name,
         repo_id=f"hf-collapse/{out.name}",
         base_model=base_model,
-        datasets=datasets,
+        datasets=DATASETS[a.task],
         metrics=["accuracy", "perplexity"],
         license="apache-2.0",
         language="en",
@@ -75,12 +127,13 @@ def main() -> None:
         model_description=(
             f"Prefix length {index['num_virtual_tokens']}; every training text started with `{START}`, which "
             "`AttributePrefixModel` puts before every prompt itself (`attribute_prefixes.json` records it as "
-            "`start_token_id`). Short training (60 steps), "
-            "see the results below."
+            f"`start_token_id`). {training_summary(a.task)}\n\n{gate_line}"
         ),
         results_table=experiment_table(a.task),
         limitations="Prefixes are tied to SmolLM2-135M-Instruct (the Q4_1 GGUF weights, dequantised); "
-        "accuracy was measured with a bag-of-words judge.",
+        + ("accuracy and toxicity were measured with all-MiniLM-L6-v2 classifiers fine-tuned for the purpose "
+           "(examples/air_decoding/transformer_judges.py), which make their own errors."
+           if protocol else "accuracy was measured with a bag-of-words judge."),  # fmt: skip
     )
 
     write_attribute_prefixes(

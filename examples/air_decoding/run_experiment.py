@@ -108,8 +108,10 @@ def stage_train(task: str, a) -> None:
     last = get_last_checkpoint(str(out))
     history = json.loads((Path(last) / "trainer_state.json").read_text())["log_history"] if last else []
     curve = [{k: r[k] for k in ("step", "loss", "eval_loss", "epoch") if k in r} for r in history]
-    (OUT / f"protocol_prefixes_{task}.json").write_text(json.dumps({"task": task, "exit_code": rc, "curve": curve},
-                                                                     indent=2))  # fmt: skip
+    gate_file = out / "prefix_gate.json"  # written by train-prefixes after the gate
+    gate = json.loads(gate_file.read_text()) if gate_file.is_file() else None
+    (OUT / f"protocol_prefixes_{task}.json").write_text(json.dumps({"task": task, "exit_code": rc, "gate": gate,
+                                                                     "curve": curve}, indent=2))  # fmt: skip
 
 
 def stage_judge(task: str) -> None:

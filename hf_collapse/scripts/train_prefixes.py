@@ -13,6 +13,8 @@ best prefixes.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from ..validation import check_number
 from .utils import CommandError, parse_args
+
+GATE_RESULT = "prefix_gate.json"  # the quality gate's result, written beside the prefixes
 
 __all__ = ["TrainPrefixesScriptArguments", "main"]
 
@@ -139,6 +143,13 @@ def main(argv: Sequence[str]) -> int:
                        max_length=config.max_length)  # fmt: skip
     per = ", ".join(f"{a} {v:.3f}" for a, v in gate["per_attribute"].items())
     print(f"prefix gate on {gate['n']} held-out texts: accuracy {gate['accuracy']:.4f} ({per})")
+    # recorded beside the prefixes, so a model card or a later check reads the figure instead of a log
+    record = {"gate_data": str(script_args.gate_data), "gate_min": script_args.gate_min,
+              "passed": gate["accuracy"] >= script_args.gate_min,
+              **{k: gate[k] for k in ("n", "accuracy", "per_attribute")}}  # fmt: skip
+    tmp = Path(config.output_dir) / f".{GATE_RESULT}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, Path(config.output_dir) / GATE_RESULT)
     if gate["accuracy"] < script_args.gate_min:
         print(f"prefix gate FAILED: {gate['accuracy']:.4f} < --gate_min {script_args.gate_min}", file=sys.stderr)
         return 3
