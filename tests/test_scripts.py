@@ -44,6 +44,7 @@ def test_every_command_has_a_main():
         (["passkey", "--model", "m", "--trials", "abc"], "invalid int value: 'abc' (see hf-collapse passkey --help)"),
         (["passkey"], "the following arguments are required: --model"),
         (["demo", "--strength", "inf"], "--strength must be a finite number"),
+        (["demo", "--only", "air", "--judge", "/no/such/judge"], "--judge: /no/such/judge is not a judge: it has"),
         (["train-prefixes", "--model", "m", "--data", "/no/such.jsonl", "--output_dir", "o"], "is not a file"),
     ],
 )

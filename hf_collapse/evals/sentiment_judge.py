@@ -1,6 +1,8 @@
-"""A small, inspectable attribute judge: logistic regression on hashed unigram + bigram features.
+"""Attribute judges for labelling generations: a small hashed bag-of-words one, or any transformers classifier.
 
-Used by `hf-collapse demo` to label generations. Stored as `model.safetensors` + `judge_config.json` (never a
+`HashedBowJudge` (logistic regression on hashed unigram + bigram features, ~1 MB) is the one bundled for
+`hf-collapse demo`; `SequenceClassifierJudge` wraps a fine-tuned `AutoModelForSequenceClassification` (stronger,
+tens of MB); `load_judge` opens either from a folder. Stored as `model.safetensors` + `judge_config.json` (never a
 pickle). Train it on data disjoint from the prefix-training data (check it: SST and Rotten Tomatoes share
 sentences) so it is an independent judge.
 """
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["HashedBowJudge"]
+__all__ = ["HashedBowJudge", "SequenceClassifierJudge", "load_judge"]
 
 _WORD = re.compile(r"[a-z0-9']+")
 CONFIG_NAME = "judge_config.json"
@@ -113,3 +115,59 @@ class HashedBowJudge(nn.Module):
             judge.bias.copy_(weights["bias"].float())
         judge.info = {k: v for k, v in cfg.items() if k not in ("labels", "n_buckets", "features")}
         return judge.eval()
+
+
+class SequenceClassifierJudge:
+    """A fine-tuned ``AutoModelForSequenceClassification`` as a judge: label names from the config's ``id2label``.
+
+    Calling :meth:`predict` on a list of strings returns their predicted labels, like ``HashedBowJudge``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 128, batch_size: int = 64) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        self.max_length, self.batch_size = max_length, batch_size
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> SequenceClassifierJudge:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        return cls(AutoModelForSequenceClassification.from_pretrained(directory),
+                   AutoTokenizer.from_pretrained(directory), **kwargs)  # fmt: skip
+
+    @torch.no_grad()
+    def predict_proba(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(len(texts), num_labels)`` probabilities, in batches of ``batch_size``."""
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[i : i + self.batch_size]), truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="pt").to(self.model.device)  # fmt: skip
+            out.append(self.model(**enc).logits.float().softmax(-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.labels))
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.labels[i] for i in self.predict_proba(texts).argmax(-1).tolist()]
+
+
+def load_judge(directory: str | os.PathLike, labels: Sequence[str] = ()) -> HashedBowJudge | SequenceClassifierJudge:
+    """Open the judge in ``directory``: a ``HashedBowJudge`` (``judge_config.json``) or a transformers sequence
+    classifier (``config.json``).
+
+    Raises:
+        FileNotFoundError: the folder holds neither.
+        ValueError: the judge does not predict every label in ``labels`` (e.g. ``("positive", "negative")``).
+    """
+    directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file():
+        judge: HashedBowJudge | SequenceClassifierJudge = HashedBowJudge.from_pretrained(directory)
+    elif (directory / "config.json").is_file():
+        judge = SequenceClassifierJudge.from_pretrained(directory)
+    else:
+        raise FileNotFoundError(f"{directory} is not a judge: it has neither {CONFIG_NAME} (a HashedBowJudge) nor "
+                                "config.json (a transformers sequence classifier)")  # fmt: skip
+    missing = [x for x in labels if x not in judge.labels]
+    if missing:
+        raise ValueError(f"the judge in {directory} predicts {judge.labels}, not {missing}: use a judge trained for "
+                         "these labels (its config's id2label names them)")  # fmt: skip
+    return judge

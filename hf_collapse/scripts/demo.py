@@ -40,6 +40,12 @@ class DemoScriptArguments:
     fashion_mnist_dir: str = field(
         default=FASHION_MNIST_DIR, metadata={"help": "Folder of the Fashion-MNIST IDX files."}
     )
+    judge: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the sentiment judge that labels the Air-Decoding section: a transformers "
+                  "sequence classifier with 'positive'/'negative' labels (examples/air_decoding/transformer_judges.py "
+                  "builds one) or a HashedBowJudge (default: the bundled sentiment-judge)."},
+    )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's)."})
 
@@ -64,19 +70,23 @@ def _header(title: str) -> None:
 # ------------------------------------------------------------------------------------------------ sections
 def section_air(a: DemoScriptArguments, ckpt: Path) -> None:
     _header("Attribute collapse -> Air-Decoding (SmolLM2-135M + bundled sentiment prefixes)")
-    prefixes, judge_dir = ckpt / "smollm2-135m-sentiment-prefixes", ckpt / "sentiment-judge"
-    if not (_need(prefixes) and _need(judge_dir)):
+    prefixes = ckpt / "smollm2-135m-sentiment-prefixes"
+    judge_dir = Path(a.judge) if a.judge else ckpt / "sentiment-judge"
+    if not (_need(prefixes) and (a.judge or _need(judge_dir))):
         return
     import torch
 
-    from ..evals.sentiment_judge import HashedBowJudge
+    from ..evals.sentiment_judge import load_judge
     from ..processors.air_decoding import AirDecodingLogitsProcessor
     from ..processors.attribute_prefix_model import AttributePrefixModel
     from .smollm2 import load_smollm2
 
+    try:  # before the LM: a wrong --judge should not cost its loading time
+        judge = load_judge(judge_dir, labels=("positive", "negative"))
+    except (FileNotFoundError, ValueError) as e:
+        raise CommandError(f"--judge: {e}") from e
     model, tok = load_smollm2()
     attr = AttributePrefixModel.from_pretrained(model, prefixes)
-    judge = HashedBowJudge.from_pretrained(judge_dir)
     start = json.loads((prefixes / "attribute_prefixes.json").read_text()).get("start_text", "")
     tok.padding_side = "left"
     if tok.pad_token_id is None:
