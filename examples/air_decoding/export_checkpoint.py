@@ -37,16 +37,18 @@ def gate_result(task: str, src: Path) -> dict:
     gate_file = src.parent.parent / "prefix_data" / f"{task}_gate.jsonl"
     if not gate_file.is_file():
         raise SystemExit(f"no prefix_gate.json in {src} and no {gate_file}: run run_experiment.py data/train first")
+    import sys
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_collapse import AttributePrefixModel
     from hf_collapse.evals.prefix_gate import prefix_gate
 
-    lm_dir = Path.home() / ".cache" / "hf_collapse" / "smollm2-135m"
-    tok = AutoTokenizer.from_pretrained(lm_dir)
-    attr = AttributePrefixModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm_dir).eval(), src,
-                                                tokenizer=tok)  # fmt: skip
+    sys.path.insert(0, str(HERE))
+    from run_experiment import load_lm  # the same cached SmolLM2 the prefixes trained on
+
+    model, tok = load_lm()
+    attr = AttributePrefixModel.from_pretrained(model, src, tokenizer=tok)
     rows = [json.loads(x) for x in gate_file.open() if x.strip()]
     with torch.no_grad():
         gate = prefix_gate(attr, tok, [r["text"] for r in rows], [r["attribute"] for r in rows], max_length=64)

@@ -189,26 +189,13 @@ def official_rows(task: str, data: Path, prompts: list[str]) -> list[dict]:
     return out
 
 
-class Judge:
-    """A fine-tuned transformer classifier (`transformer_judges.py`): label names and probabilities."""
+def load_judge(path: Path):
+    """The fine-tuned transformer classifier (`transformer_judges.py`) and its recorded held-out result."""
+    from hf_collapse.evals.sentiment_judge import SequenceClassifierJudge
 
-    def __init__(self, path: Path) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if not (path / "judge_result.json").exists():
-            raise SystemExit(f"no judge in {path}: run the 'judge' stage first")
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.info = json.loads((path / "judge_result.json").read_text())
-
-    @torch.no_grad()
-    def proba(self, texts: list[str], batch: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), batch):
-            enc = self.tok(texts[i : i + batch], truncation=True, max_length=128, padding=True, return_tensors="pt")
-            out.append(self.model(**enc).logits.float().softmax(-1))
-        return torch.cat(out)
+    if not (path / "judge_result.json").exists():
+        raise SystemExit(f"no judge in {path}: run the 'judge' stage first")
+    return SequenceClassifierJudge.from_pretrained(path), json.loads((path / "judge_result.json").read_text())
 
 
 def bootstrap_ci(hits: dict[str, list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -233,7 +220,7 @@ def stage_report(task: str, data: Path, a) -> None:
 
     dist_n, perplexities = metric("dist_n").dist_n, metric("perplexity").perplexities
     model, tok = load_lm()
-    judge = Judge(RUNS / "judges" / TASKS[task]["judge"])
+    judge, judge_info = load_judge(RUNS / "judges" / TASKS[task]["judge"])
     prompts = load_prompts(task, data)[: a.max_prompts]
     official = [r for r in official_rows(task, data, load_prompts(task, data)) if r["prompt"] in prompts]
     rows = [json.loads(x) for x in (OUT / f"protocol_generations_{task}.jsonl").open()] + official
@@ -243,7 +230,7 @@ def stage_report(task: str, data: Path, a) -> None:
     table = []
     for (method, lam), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "plain", kv[0][0], kv[0][1])):
         full = [r["prompt"] + r["continuation"] for r in rs]
-        p = judge.proba(full)
+        p = judge.predict_proba(full)
         row = {"method": method, "strength": lam, "n": len(rs)}
         if task == "detox":
             tox = p[:, judge.labels.index("toxic")].tolist()
@@ -279,8 +266,8 @@ def stage_report(task: str, data: Path, a) -> None:
     plain = next((t for t in table if t["method"] == "plain"), None)
     for t in table:  # the issue's goals are stated against plain sampling's median perplexity
         t["ppl_median_vs_plain"] = t["ppl_median"] / plain["ppl_median"] if plain else float("nan")
-    (OUT / f"protocol_results_{task}.json").write_text(json.dumps({"judge": judge.info, "rows": table}, indent=2) + "\n")
-    write_table(task, table, judge.info)
+    (OUT / f"protocol_results_{task}.json").write_text(json.dumps({"judge": judge_info, "rows": table}, indent=2) + "\n")
+    write_table(task, table, judge_info)
     plot(task, table)
 
 
