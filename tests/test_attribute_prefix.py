@@ -165,6 +165,11 @@ def test_config_numbers_are_checked(tmp_path):
         _args(tmp_path, num_virtual_tokens=0)
     with pytest.raises(ValueError, match=r"AttributePrefixConfig\.max_length"):
         _args(tmp_path, max_length=1)
+    for bad in (float("nan"), -0.5):
+        with pytest.raises(ValueError, match=r"AttributePrefixConfig\.discriminative_weight"):
+            _args(tmp_path, discriminative_weight=bad)
+    with pytest.raises(ValueError, match="init_prefixes needs prefix_projection=False"):
+        _args(tmp_path, init_prefixes=str(tmp_path), prefix_projection=True)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +218,8 @@ def test_each_row_trains_only_its_own_prefix(tmp_path):
     assert not torch.allclose(trainer.model.flat_prefix(0).detach(), pos_before)
 
 
-def test_gradient_accumulation_equals_larger_batch(tmp_path):
+@pytest.mark.parametrize("discriminative_weight", [0.0, 0.5])
+def test_gradient_accumulation_equals_larger_batch(discriminative_weight, tmp_path):
     # texts of very different lengths: a per-micro-batch mean would weight tokens differently than the big batch
     texts = ["great", "the movie was great and the acting was wonderful fun", "bad", "i hated this film very very bad"]
     ds = Dataset.from_dict({"text": texts * 2, "attribute": ["positive", "positive", "negative", "negative"] * 2})
@@ -232,6 +238,7 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path):
                 lr_scheduler_type="constant",
                 weight_decay=0.0,
                 init_text=None,
+                discriminative_weight=discriminative_weight,
             ),
             train_dataset=ds,
             processing_class=tiny_tokenizer(),
@@ -646,3 +653,104 @@ def test_only_the_writer_rank_saves(tmp_path, monkeypatch):
     monkeypatch.setattr(type(t.args), "should_save", property(lambda self: False))
     t.save_model(str(tmp_path / "not_written"))
     assert not (tmp_path / "not_written").exists()
+
+
+def test_hybrid_loss_matches_a_reference_built_from_peft(tmp_path):
+    """discriminative_weight: token-mean NLL under each text's own prefix plus w x the cross-entropy of a softmax
+    over attributes of the summed log-likelihoods, each log-probability taken from plain PEFT models."""
+    base, tok = tiny_gpt2(), tiny_tokenizer()
+    w = 0.7
+    texts = ["the movie was great fun", "bad", "i hated this film", "wonderful acting"]
+    attrs = ["positive", "negative", "negative", "positive"]
+    trainer = AttributePrefixTrainer(
+        model=base,
+        args=_args(tmp_path, init_text=None, prefix_projection=False, discriminative_weight=w),
+        train_dataset=Dataset.from_dict({"text": texts, "attribute": attrs}),
+        processing_class=tok,
+    )
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # random prefixes large enough that the attributes disagree
+        for enc in trainer.model.encoders.values():
+            enc.embedding.weight.copy_(torch.randn(enc.embedding.weight.shape, generator=g))
+    trainer.save_model(str(tmp_path / "ckpt"))
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss, out = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
+
+    loglik = torch.zeros(2, 4, dtype=torch.float64)
+    for k, attr in enumerate(trainer.args.attributes):
+        pm = PeftModel.from_pretrained(base, str(tmp_path / "ckpt" / attr))
+        for r, row in enumerate(trainer.train_dataset):
+            full = torch.tensor([row["input_ids"]])  # the start token, then the text
+            with torch.no_grad():
+                lp = torch.log_softmax(pm(input_ids=full, use_cache=False).logits[0].double(), -1)
+            loglik[k, r] = sum(lp[i, full[0, i + 1]] for i in range(full.shape[1] - 1))
+    own = torch.tensor([trainer.args.attributes.index(a) for a in attrs])
+    targets = sum(len(row["input_ids"]) - 1 for row in trainer.train_dataset)
+    generative = -loglik[own, torch.arange(4)].sum() / targets
+    classification = torch.nn.functional.cross_entropy(loglik.T, own)
+    assert float(classification) > 0.05  # the check below would not see a wrong sign or a missing term otherwise
+    assert float(loss) == pytest.approx(float(generative + w * classification), rel=1e-4)
+    # the outputs returned are each row's under its own prefix, as without the discriminative term
+    trainer.args.discriminative_weight = 0.0
+    _, plain_out = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
+    torch.testing.assert_close(out.logits, plain_out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hybrid_training_raises_the_implied_classifiers_accuracy(tmp_path):
+    """With the classification term the prefixes learn to tell the attributes apart (the point of the option)."""
+    from hf_collapse.evals.prefix_gate import prefix_gate
+
+    ds = toy_dataset(4)
+    tok = tiny_tokenizer()
+
+    def gate(w):
+        t = AttributePrefixTrainer(
+            model=tiny_gpt2(),
+            args=_args(tmp_path, output_dir=str(tmp_path / f"w{w}"), prefix_projection=False, init_text=None,
+                       discriminative_weight=w, max_steps=30, learning_rate=5e-2),  # fmt: skip
+            train_dataset=ds,
+            processing_class=tok,
+        )
+        t.train()
+        t.save_model(str(tmp_path / f"w{w}"))
+        am = AttributePrefixModel.from_pretrained(tiny_gpt2(), tmp_path / f"w{w}")
+        return prefix_gate(am, tok, ds["text"], ds["attribute"])["accuracy"]
+
+    # on these 24 texts the generative loss alone leaves the classifier at 0.83 (and a wrong sign drops it to 0.25)
+    assert gate(1.0) == 1.0 > gate(0.0)
+
+
+def test_init_prefixes_starts_from_a_checkpoint(tmp_path):
+    base, tok = tiny_gpt2(), tiny_tokenizer()
+    cfg, flats = _random_prefixes(base, ["positive", "negative"])
+    ckpt = ap.write_attribute_prefixes(tmp_path / "ckpt", ["positive", "negative"], flats, cfg)
+    # another attribute order: prefixes are matched by name
+    t = AttributePrefixTrainer(
+        model=base,
+        args=_args(tmp_path, attributes=["negative", "positive"], prefix_projection=False, init_prefixes=str(ckpt)),
+        train_dataset=toy_dataset(),
+        processing_class=tok,
+    )
+    for i, attr in enumerate(["negative", "positive"]):
+        torch.testing.assert_close(t.model.flat_prefix(i).detach(), flats[attr], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"attributes \['positive', 'negative'\].*same attribute names"):
+        AttributePrefixTrainer(
+            model=tiny_gpt2(),
+            args=_args(tmp_path, attributes=["happy", "sad"], prefix_projection=False, init_prefixes=str(ckpt)),
+            train_dataset=Dataset.from_dict({"text": ["a", "b"], "attribute": ["happy", "sad"]}),
+            processing_class=tok,
+        )
+    with pytest.raises(ValueError, match="prefix shape.*num_virtual_tokens"):
+        AttributePrefixTrainer(
+            model=tiny_gpt2(),
+            args=_args(tmp_path, num_virtual_tokens=3, prefix_projection=False, init_prefixes=str(ckpt)),
+            train_dataset=toy_dataset(),
+            processing_class=tok,
+        )
+    with pytest.raises(FileNotFoundError, match="not an attribute-prefix checkpoint"):
+        AttributePrefixTrainer(
+            model=tiny_gpt2(),
+            args=_args(tmp_path, prefix_projection=False, init_prefixes=str(tmp_path)),
+            train_dataset=toy_dataset(),
+            processing_class=tok,
+        )

@@ -67,6 +67,11 @@ TASKS = {
 }  # fmt: skip
 
 
+def run_name(task: str, a) -> str:
+    """``<task>`` or ``<task>_<variant>``: the prefixes folder under runs/prefixes and the results' file names."""
+    return f"{task}_{a.variant}" if a.variant else task
+
+
 def load_prompts(task: str, data: Path) -> list[str]:
     return [json.loads(x)["prompt"] for x in (data / "air_decoding" / TASKS[task]["prompts"]).open() if x.strip()]
 
@@ -87,7 +92,10 @@ def stage_train(task: str, a) -> None:
     data = RUNS / "prefix_data"
     if not (data / f"{task}_train.jsonl").exists():
         raise SystemExit(f"{data / f'{task}_train.jsonl'} missing: run the 'data' stage first")
-    out = RUNS / "prefixes" / task
+    out = RUNS / "prefixes" / run_name(task, a)
+    extra = ["--discriminative_weight", str(a.discriminative_weight)]
+    if a.init_prefixes:
+        extra += ["--init_prefixes", str(RUNS / "prefixes" / a.init_prefixes)]
     rc = train_prefixes([
         "--model", str(LM_DIR), "--data", str(data / f"{task}_train.jsonl"),
         "--eval_data", str(data / f"{task}_eval.jsonl"), "--gate_data", str(data / f"{task}_gate.jsonl"),
@@ -101,7 +109,7 @@ def stage_train(task: str, a) -> None:
         "--early_stopping_threshold", str(a.early_stopping_threshold),
         "--resume_from_checkpoint", "last",
         "--use_cpu", str(not torch.cuda.is_available()).lower(), "--seed", "0", "--disable_tqdm", "true",
-        "--max_steps", str(a.max_steps),
+        "--max_steps", str(a.max_steps), *extra,
     ])  # fmt: skip
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -110,8 +118,10 @@ def stage_train(task: str, a) -> None:
     curve = [{k: r[k] for k in ("step", "loss", "eval_loss", "epoch") if k in r} for r in history]
     gate_file = out / "prefix_gate.json"  # written by train-prefixes after the gate
     gate = json.loads(gate_file.read_text()) if gate_file.is_file() else None
-    (OUT / f"protocol_prefixes_{task}.json").write_text(json.dumps({"task": task, "exit_code": rc, "gate": gate,
-                                                                     "curve": curve}, indent=2))  # fmt: skip
+    settings = {"discriminative_weight": a.discriminative_weight, "init_prefixes": a.init_prefixes, "lr": a.lr}
+    (OUT / f"protocol_prefixes_{run_name(task, a)}.json").write_text(json.dumps(
+        {"task": task, "variant": a.variant, "settings": settings, "exit_code": rc, "gate": gate, "curve": curve},
+        indent=2))  # fmt: skip
 
 
 def stage_judge(task: str) -> None:
@@ -124,11 +134,13 @@ def stage_generate(task: str, data: Path, a) -> None:
 
     model, tok = load_lm()
     tok.padding_side = "left"
-    fused = AirDecodingForCausalLM.from_base(model, RUNS / "prefixes" / task, tokenizer=tok)
+    fused = AirDecodingForCausalLM.from_base(model, RUNS / "prefixes" / run_name(task, a), tokenizer=tok)
     prompts = load_prompts(task, data)[: a.max_prompts]
     spec = TASKS[task]
-    grid = [("plain", 0.0)] + [("air", float(x)) for x in spec["air"]] + [("weighted", float(x)) for x in spec["weighted"]]
-    out_path = OUT / f"protocol_generations_{task}.jsonl"
+    keep = (lambda lam: True) if a.strengths is None else (lambda lam: lam in a.strengths)
+    grid = ([("plain", 0.0)] + [("air", float(x)) for x in spec["air"] if keep(x)]
+            + [("weighted", float(x)) for x in spec["weighted"] if keep(x)])  # fmt: skip
+    out_path = OUT / f"protocol_generations_{run_name(task, a)}.jsonl"
     done = set()
     if out_path.exists():
         done = {(r["method"], r["strength"], r["target"]) for r in map(json.loads, out_path.open())}
@@ -223,7 +235,7 @@ def stage_report(task: str, data: Path, a) -> None:
     judge, judge_info = load_judge(RUNS / "judges" / TASKS[task]["judge"])
     prompts = load_prompts(task, data)[: a.max_prompts]
     official = [r for r in official_rows(task, data, load_prompts(task, data)) if r["prompt"] in prompts]
-    rows = [json.loads(x) for x in (OUT / f"protocol_generations_{task}.jsonl").open()] + official
+    rows = [json.loads(x) for x in (OUT / f"protocol_generations_{run_name(task, a)}.jsonl").open()] + official
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["strength"]), []).append(r)
@@ -266,12 +278,13 @@ def stage_report(task: str, data: Path, a) -> None:
     plain = next((t for t in table if t["method"] == "plain"), None)
     for t in table:  # the issue's goals are stated against plain sampling's median perplexity
         t["ppl_median_vs_plain"] = t["ppl_median"] / plain["ppl_median"] if plain else float("nan")
-    (OUT / f"protocol_results_{task}.json").write_text(json.dumps({"judge": judge_info, "rows": table}, indent=2) + "\n")
-    write_table(task, table, judge_info)
-    plot(task, table)
+    name = run_name(task, a)
+    (OUT / f"protocol_results_{name}.json").write_text(json.dumps({"judge": judge_info, "rows": table}, indent=2) + "\n")
+    write_table(task, name, table, judge_info)
+    plot(task, name, table)
 
 
-def write_table(task: str, table: list[dict], judge_info: dict) -> None:
+def write_table(task: str, name: str, table: list[dict], judge_info: dict) -> None:
     head = (f"Judge: all-MiniLM-L6-v2 fine-tuned on {judge_info['train_texts']} texts, held-out accuracy "
             f"{judge_info['held_out_accuracy']:.3f} ({judge_info['held_out_texts']} texts). Perplexity: SmolLM2-135M "
             "without prefix, continuation tokens only. Accuracy: mean [95% interval, bootstrap over prompts]. Dist-n: "
@@ -296,11 +309,11 @@ def write_table(task: str, table: list[dict], judge_info: dict) -> None:
         lines.append(f"| {t['method']} | {t['strength']:g} | {t['n']} | " + " | ".join(cells) +
                      f" | {t['ppl_mean']:.1f} | {t['ppl_median']:.1f} | {t['ppl_median_vs_plain']:.2f}× | {t['dist-1']:.3f} | {t['dist-2']:.3f} | "
                      f"{t['dist-3']:.3f} |")  # fmt: skip
-    (OUT / f"protocol_results_{task}.md").write_text(head + "\n".join(lines) + "\n")
+    (OUT / f"protocol_results_{name}.md").write_text(head + "\n".join(lines) + "\n")
     print(head + "\n".join(lines))
 
 
-def plot(task: str, table: list[dict]) -> None:
+def plot(task: str, name: str, table: list[dict]) -> None:
     if task == "detox":
         return
     import matplotlib
@@ -330,9 +343,9 @@ def plot(task: str, table: list[dict]) -> None:
         ax.set_ylabel(name)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
-    fig.suptitle(f"Attribute collapse, SmolLM2-135M, {task}")
+    fig.suptitle(f"Attribute collapse, SmolLM2-135M, {name}")
     fig.tight_layout()
-    fig.savefig(OUT / f"protocol_collapse_{task}.png", dpi=110)
+    fig.savefig(OUT / f"protocol_collapse_{name}.png", dpi=110)
 
 
 def main() -> None:
@@ -349,6 +362,14 @@ def main() -> None:
                     help="converged: 3 evaluations in a row without a held-out loss at least this far (nats/token) "
                     "below the best")  # fmt: skip
     ap.add_argument("--max_steps", type=int, default=-1, help="cap on training steps (smoke tests); -1: epochs")
+    ap.add_argument("--variant", default="", help="a second set of prefixes for the task: trained into "
+                    "runs/prefixes/<task>_<variant>, results in protocol_*_<task>_<variant>.*")
+    ap.add_argument("--discriminative_weight", type=float, default=0.0,
+                    help="train: the implied classifier's loss weight (AttributePrefixConfig); 0 = official recipe")
+    ap.add_argument("--init_prefixes", default=None, help="train: start from runs/prefixes/<this> (e.g. the task's "
+                    "generatively trained prefixes)")
+    ap.add_argument("--strengths", type=float, nargs="+", default=None,
+                    help="generate: only these λ of the sweep (plain always); later runs add the rest")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--length", type=int, default=50)
     ap.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts (smoke tests)")

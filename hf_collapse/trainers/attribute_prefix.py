@@ -29,6 +29,7 @@ from ..modeling.attribute_prefixes import (
     AttributePrefixLM,
     layers_to_flat_prefix,
     peft_prefix_config,
+    read_attribute_prefixes,
     save_attribute_prefixes,
     validate_attribute_names,
 )
@@ -78,6 +79,23 @@ class AttributePrefixConfig(TrainingArguments):
             "tokens). None keeps PEFT's random init, which trains far worse."
         },
     )
+    discriminative_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Add this weight times the loss of the classifier the prefixes imply (cross-entropy of the "
+            "attribute against a softmax over attributes of the text's log-likelihood under each prefix): GeDi's "
+            "hybrid generative-discriminative training. 0 is the official, purely generative recipe. Each step then "
+            "runs every text under every prefix (K forwards instead of one)."
+        },
+    )
+    init_prefixes: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from the prefixes of this attribute-prefix checkpoint (same attribute names and prefix "
+            "length) instead of init_text, e.g. to fine-tune generatively trained prefixes with "
+            "discriminative_weight. Needs prefix_projection=False: a saved prefix has no MLP to restore."
+        },
+    )
     # a prefix trainer's extra column (attribute_ids) must survive the Trainer's column pruning
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the trainer tokenizes itself."})
 
@@ -95,6 +113,12 @@ class AttributePrefixConfig(TrainingArguments):
         check_number(owner, "encoder_hidden_size", self.encoder_hidden_size, integer=True, minimum=1)
         # the start token plus at least one text token, or there is nothing to predict
         check_number(owner, "max_length", self.max_length, integer=True, minimum=2)
+        check_number(owner, "discriminative_weight", self.discriminative_weight, minimum=0.0)
+        if self.init_prefixes is not None and self.prefix_projection:
+            raise ValueError(
+                "AttributePrefixConfig.init_prefixes needs prefix_projection=False: a saved prefix is the "
+                "materialised key/values, with no MLP to restore. Set prefix_projection=False."
+            )
         check_finite_fields("AttributePrefixConfig", self)  # TrainingArguments itself lets learning_rate=nan through
 
 
@@ -158,7 +182,9 @@ class AttributePrefixTrainer(Trainer):
                 model, args.num_virtual_tokens, args.prefix_projection, args.encoder_hidden_size
             )
             prefix_lm = AttributePrefixLM(model, args.attributes, peft_cfg)
-            if args.init_text is not None:
+            if args.init_prefixes is not None:
+                self._init_from_checkpoint(prefix_lm, args.init_prefixes)
+            elif args.init_text is not None:
                 self._init_from_text(prefix_lm, processing_class, args.init_text)
         tok = processing_class
         start_id = self._start_token_id(tok, args)
@@ -256,15 +282,74 @@ class AttributePrefixTrainer(Trainer):
             else:
                 enc.embedding.weight.copy_(target.to(enc.embedding.weight.dtype))
 
+    @staticmethod
+    @torch.no_grad()
+    def _init_from_checkpoint(prefix_lm: AttributePrefixLM, checkpoint_dir: str) -> None:
+        """Copy each attribute's materialised prefix from an attribute-prefix checkpoint (matched by name)."""
+        ckpt = read_attribute_prefixes(checkpoint_dir)
+        if sorted(ckpt.attributes) != sorted(prefix_lm.attributes):
+            raise ValueError(
+                f"init_prefixes {checkpoint_dir} has attributes {ckpt.attributes}, this run trains "
+                f"{prefix_lm.attributes}; use a checkpoint with the same attribute names"
+            )
+        if ckpt.shape != prefix_lm.shape:
+            raise ValueError(
+                f"init_prefixes {checkpoint_dir} has prefix shape {ckpt.shape}, this run needs {prefix_lm.shape} "
+                "(set num_virtual_tokens to the checkpoint's, and use the base model it was trained on)"
+            )
+        for i, attribute in enumerate(prefix_lm.attributes):
+            enc = prefix_lm.encoders[f"a{i}"]
+            enc.embedding.weight.copy_(ckpt.prefixes[attribute].to(enc.embedding.weight.dtype))
+
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # inputs is not mutated: prediction_step reads the labels from it after compute_loss
         shift_labels = inputs["shift_labels"]
+        if self.args.discriminative_weight > 0:
+            return self._hybrid_loss(model, inputs, return_outputs, num_items_in_batch)
         out = model(**{k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")})
         logits = out.logits.float()
         nll = F.cross_entropy(
             logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=-100, reduction="sum"
         )
+        loss = self._normalise(nll, shift_labels, num_items_in_batch)
+        return (loss, out) if return_outputs else loss
+
+    def _hybrid_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Generative NLL under each row's own prefix plus ``discriminative_weight`` x the implied classifier's loss.
+
+        Every text runs under every prefix in one forward of K*B rows; its own attribute's rows give the usual
+        next-token loss, and the K summed log-likelihoods are the logits of the classifier the gate measures.
+        """
+        shift_labels = inputs["shift_labels"]  # (B, T)
+        attribute_ids = inputs["attribute_ids"]  # (B,)
+        b, k = shift_labels.shape[0], len(self.args.attributes)
+        every = torch.arange(k, device=attribute_ids.device).repeat_interleave(b)  # (K*B,): attribute of each row
+        out = model(
+            input_ids=inputs["input_ids"].repeat(k, 1),
+            attribute_ids=every,
+            attention_mask=inputs["attention_mask"].repeat(k, 1),
+        )
+        logits = out.logits.float()  # (K*B, T, V)
+        token_nll = F.cross_entropy(
+            logits.view(-1, logits.shape[-1]), shift_labels.repeat(k, 1).view(-1), ignore_index=-100, reduction="none"
+        ).view(k, b, -1)  # (K, B, T); 0 at ignored positions
+        log_likelihood = -token_nll.sum(-1)  # (K, B)
+        rows = torch.arange(b, device=attribute_ids.device)
+        nll = token_nll[attribute_ids, rows].sum()
+        # a mean over the texts of this micro-batch; with num_items_in_batch the Trainer sums micro-batches instead
+        # of averaging them, so divide by the accumulation steps here
+        texts = b * (self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1)
+        classification = F.cross_entropy(log_likelihood.T, attribute_ids, reduction="sum") / texts
+        loss = self._normalise(nll, shift_labels, num_items_in_batch) + self.args.discriminative_weight * classification
+        if return_outputs:
+            # the outputs of each row under its own prefix, as the generative path returns them
+            out.logits = out.logits.view(k, b, *out.logits.shape[1:])[attribute_ids, rows]
+            return loss, out
+        return loss
+
+    def _normalise(self, nll, shift_labels, num_items_in_batch):
+        """Summed token NLL -> the loss the Trainer expects (per target token, over the accumulated batch)."""
         if num_items_in_batch is not None:
             # normalised over the whole accumulated (and, with average_tokens_across_devices, global) batch
             loss = nll / num_items_in_batch
@@ -274,7 +359,7 @@ class AttributePrefixTrainer(Trainer):
         else:
             loss = nll / shift_labels.ne(-100).sum().clamp(min=1)
             self.loss_is_scaled_for_ga = False  # a per-batch mean: let the Trainer divide by the GA steps
-        return (loss, out) if return_outputs else loss
+        return loss
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
