@@ -712,6 +712,11 @@ def test_hybrid_training_raises_the_implied_classifiers_accuracy(tmp_path):
             processing_class=tok,
         )
         t.train()
+        if w:  # the two terms and the implied classifier's accuracy are logged beside the loss
+            logged = [h for h in t.state.log_history if "loss" in h]
+            assert all({"token_nll", "classification_loss", "implied_accuracy"} <= set(h) for h in logged)
+            assert logged[-1]["implied_accuracy"] > logged[0]["implied_accuracy"]
+            assert set(t.evaluate(t.train_dataset)) >= {"eval_loss", "eval_token_nll", "eval_implied_accuracy"}
         t.save_model(str(tmp_path / f"w{w}"))
         am = AttributePrefixModel.from_pretrained(tiny_gpt2(), tmp_path / f"w{w}")
         return prefix_gate(am, tok, ds["text"], ds["attribute"])["accuracy"]

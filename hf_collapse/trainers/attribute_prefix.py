@@ -13,6 +13,7 @@ plus the Trainer's usual ``training_args.bin``. Each adapter folder loads on its
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +193,7 @@ class AttributePrefixTrainer(Trainer):
         train_dataset = self._tokenize(train_dataset, tok, args) if train_dataset is not None else None
         eval_dataset = self._tokenize(eval_dataset, tok, args, "eval") if eval_dataset is not None else None
         kwargs.setdefault("data_collator", _Collator(pad))
+        self._loss_parts: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=prefix_lm,
             args=args,
@@ -341,12 +343,26 @@ class AttributePrefixTrainer(Trainer):
         # of averaging them, so divide by the accumulation steps here
         texts = b * (self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1)
         classification = F.cross_entropy(log_likelihood.T, attribute_ids, reduction="sum") / texts
+        # the two terms and the implied classifier's accuracy, logged beside the loss (see log())
+        parts = self._loss_parts["train" if model.training else "eval"]
+        parts["token_nll"].append(float(nll) / max(int(shift_labels.ne(-100).sum()), 1))
+        parts["classification_loss"].append(float(classification) * texts / b)
+        parts["implied_accuracy"].append(float((log_likelihood.argmax(0) == attribute_ids).float().mean()))
         loss = self._normalise(nll, shift_labels, num_items_in_batch) + self.args.discriminative_weight * classification
         if return_outputs:
             # the outputs of each row under its own prefix, as the generative path returns them
             out.logits = out.logits.view(k, b, *out.logits.shape[1:])[attribute_ids, rows]
             return loss, out
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds, with ``discriminative_weight``, the mean over batches since the last log of the next-token loss
+        (``token_nll``), the classification loss and the implied classifier's accuracy (``eval_`` ones too)."""
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        parts = self._loss_parts[mode]
+        logs.update({("eval_" if mode == "eval" else "") + k: sum(v) / len(v) for k, v in parts.items() if v})
+        parts.clear()
+        super().log(logs, start_time)
 
     def _normalise(self, nll, shift_labels, num_items_in_batch):
         """Summed token NLL -> the loss the Trainer expects (per target token, over the accumulated batch)."""
