@@ -9,6 +9,7 @@ Stages (each resumable; run in order)::
     python examples/air_decoding/prepare_smollm2.py                    # SmolLM2-135M safetensors, once
     python examples/air_decoding/run_experiment.py data                # prefix_data.py -> runs/prefix_data
     python examples/air_decoding/run_experiment.py train    --task sentiment   # to convergence, resumable
+    python examples/air_decoding/run_experiment.py gate     --task sentiment   # implied classifier, held-out sets
     python examples/air_decoding/run_experiment.py judge    --task sentiment   # transformer_judges.py
     python examples/air_decoding/run_experiment.py generate --task sentiment   # the sweep, fused path
     python examples/air_decoding/run_experiment.py report   --task sentiment   # tables + collapse plot
@@ -122,6 +123,39 @@ def stage_train(task: str, a) -> None:
     (OUT / f"protocol_prefixes_{run_name(task, a)}.json").write_text(json.dumps(
         {"task": task, "variant": a.variant, "settings": settings, "exit_code": rc, "gate": gate, "curve": curve},
         indent=2))  # fmt: skip
+
+
+@torch.no_grad()
+def stage_gate(task: str, a) -> None:
+    """The implied classifier of a set of prefixes (a finished run or any checkpoint folder, ``--prefixes``) on the
+    held-out loss set and on the gate set: accuracy (per attribute), its cross-entropy, and the next-token loss under
+    each text's own prefix. For comparing prefix variants, and checkpoints of a stopped run, the same way."""
+    from hf_collapse.processors.attribute_prefix_model import AttributePrefixModel
+
+    model, tok = load_lm()
+    folder = Path(a.prefixes) if a.prefixes else RUNS / "prefixes" / run_name(task, a)
+    am = AttributePrefixModel.from_pretrained(model, folder, tokenizer=tok)
+    result = {"prefixes": str(folder)}
+    for split in ("eval", "gate"):
+        rows = [json.loads(x) for x in (RUNS / "prefix_data" / f"{task}_{split}.jsonl").open()]
+        scores, tokens = [], 0
+        for i in range(0, len(rows), 16):
+            ids = [tok(r["text"], add_special_tokens=False)["input_ids"][:63] for r in rows[i : i + 16]]  # as trained
+            tokens += sum(len(x) + 1 for x in ids)  # + the start token's prediction of the first token
+            width = max(map(len, ids))
+            x = torch.tensor([[0] * (width - len(t)) + t for t in ids])  # left padding
+            m = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in ids])
+            scores.append(am.sequence_log_likelihood(x, m))
+        ll = torch.cat(scores, 1)  # (K, N)
+        y = torch.tensor([am.attributes.index(r["attribute"]) for r in rows])
+        hit = (ll.argmax(0) == y).float()
+        result[split] = {"n": len(rows), "accuracy": float(hit.mean()),
+                         "per_attribute": {k: float(hit[y == i].mean()) for i, k in enumerate(am.attributes)},
+                         "cross_entropy": float(torch.nn.functional.cross_entropy(ll.T, y)),
+                         "token_nll": float(-ll[y, torch.arange(len(rows))].sum() / tokens)}  # fmt: skip
+        print(split, result[split], flush=True)
+    name = run_name(task, a) + (f"_{folder.name}" if a.prefixes else "")
+    (OUT / f"protocol_gate_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def stage_judge(task: str) -> None:
@@ -351,7 +385,7 @@ def plot(task: str, name: str, table: list[dict]) -> None:
 def main() -> None:
     global OUT, RUNS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["data", "train", "judge", "generate", "report"])
+    ap.add_argument("stage", choices=["data", "train", "gate", "judge", "generate", "report"])
     ap.add_argument("--task", choices=list(TASKS), default="sentiment")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--threads", type=int, default=2)
@@ -368,6 +402,8 @@ def main() -> None:
                     help="train: the implied classifier's loss weight (AttributePrefixConfig); 0 = official recipe")
     ap.add_argument("--init_prefixes", default=None, help="train: start from runs/prefixes/<this> (e.g. the task's "
                     "generatively trained prefixes)")
+    ap.add_argument("--prefixes", default=None, help="gate: this prefix folder (e.g. a checkpoint) instead of "
+                    "runs/prefixes/<task>[_<variant>]")
     ap.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="generate: only these λ of the sweep (plain always); later runs add the rest")
     ap.add_argument("--samples", type=int, default=10)
@@ -386,6 +422,8 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "prefix_data.py"), "--out", str(RUNS / "prefix_data")], check=True)
     elif a.stage == "train":
         stage_train(a.task, a)
+    elif a.stage == "gate":
+        stage_gate(a.task, a)
     elif a.stage == "judge":
         stage_judge(a.task)
     elif a.stage == "generate":
