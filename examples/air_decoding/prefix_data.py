@@ -8,6 +8,10 @@ This script uses data OUTSIDE the repository (../shared/data; see ../shared/data
   occurs in SST-2's labelled held-out sentences (`sentiment/sst2_alps/test.tsv`, the GLUE SST-2 dev set, and
   `dev.tsv`) is removed by normalised match (lower case, letters and digits only), since SST is built from the same
   snippets; the gate set is `sst2_alps/test.tsv`.
+* sentiment_plus: the sentiment training texts plus the SST-2 training phrases of at least ``--min_phrase_words``
+  words (`sst2_alps/train.tsv`, GLUE SST-2 train without alps' dev split). A phrase is dropped if its normalised
+  text occurs inside any sentiment held-out sentence (SST-2 test and dev, and the sentiment eval set), or duplicates
+  a training text; the eval and gate sets are the sentiment task's, so the two variants compare directly.
 * topic (world / sports / business / science): the Air-Decoding AG News 4 × 5k texts; gate: AG News test
   (`topic/agnews_alps/test.tsv`; the provenance notes report no overlap with the 4 × 5k, rechecked here).
 * detox (nontoxic / toxic): four fifths of `air_decoding/jigsaw_10k.json` (`transformer_judges.jigsaw_split`); the
@@ -52,6 +56,25 @@ def sentiment() -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
     return kept, gate, {"source": len(rows), "removed_in_sst2_held_out": len(rows) - len(kept)}
 
 
+def sst2_phrases(min_words: int, held_out: list[str], already: list[str]) -> tuple[list[tuple[str, str]], dict]:
+    """SST-2 training phrases with >= ``min_words`` words, none inside a held-out sentence or equal to a kept text."""
+    rows = _tsv(SHARED / "sentiment" / "sst2_alps" / "train.tsv", header=True)
+    long = [(r[0].strip(), "positive" if r[1] == "1" else "negative") for r in rows if len(r[0].split()) >= min_words]
+    held = [normalise(t) for t in held_out]
+    seen = {normalise(t) for t in already}
+    kept, inside, dup = [], 0, 0
+    for text, attr in long:
+        n = normalise(text)
+        if n in seen:
+            dup += 1
+        elif any(n in h for h in held):
+            inside += 1
+        else:
+            seen.add(n)
+            kept.append((text, attr))
+    return kept, {"sst2_phrases": len(long), "inside_held_out": inside, "duplicates": dup, "added": len(kept)}
+
+
 def topic() -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
     rows = [(r["text"], TOPICS[r["label"]]) for t in TOPICS
             for r in _jsonl(SHARED / "air_decoding" / "decoded" / f"agnews_5k_{t}.jsonl")]  # fmt: skip
@@ -83,6 +106,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/prefix_data")
     p.add_argument("--eval_fraction", type=float, default=0.05)
+    p.add_argument("--min_phrase_words", type=int, default=10, help="sentiment_plus: shortest SST-2 phrase kept")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +124,16 @@ def main() -> None:
         write(out / f"{task}_gate.jsonl", gate)
         report[task] = {**info, "train": len(train), "eval": len(eval_idx), "gate": len(gate)}
         print(task, report[task], flush=True)
+        if task == "sentiment":
+            held = [t for t, _ in gate] + [r[0] for r in _tsv(SHARED / "sentiment" / "sst2_alps" / "dev.tsv", True)]
+            held += [rows[i][0] for i in eval_idx]
+            extra, info = sst2_phrases(a.min_phrase_words, held, [t for t, _ in rows])
+            plus = train + extra
+            write(out / "sentiment_plus_train.jsonl", [plus[i] for i in rng.permutation(len(plus))])
+            write(out / "sentiment_plus_eval.jsonl", [rows[i] for i in sorted(eval_idx)])
+            write(out / "sentiment_plus_gate.jsonl", gate)
+            report["sentiment_plus"] = {**info, "train": len(plus), "eval": len(eval_idx), "gate": len(gate)}
+            print("sentiment_plus", report["sentiment_plus"], flush=True)
     (out / "prefix_data.json").write_text(json.dumps(report, indent=2))
 
 
