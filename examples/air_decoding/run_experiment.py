@@ -135,6 +135,7 @@ def stage_gate(task: str, a) -> None:
     """The implied classifier of a set of prefixes (a finished run or any checkpoint folder, ``--prefixes``) on the
     held-out loss set and on the gate set: accuracy (per attribute), its cross-entropy, and the next-token loss under
     each text's own prefix. For comparing prefix variants, and checkpoints of a stopped run, the same way."""
+    from hf_collapse.evals.prefix_gate import prefix_log_likelihoods
     from hf_collapse.processors.attribute_prefix_model import AttributePrefixModel
 
     model, tok = load_lm()
@@ -143,15 +144,10 @@ def stage_gate(task: str, a) -> None:
     result = {"prefixes": str(folder)}
     for split in ("eval", "gate"):
         rows = [json.loads(x) for x in (RUNS / "prefix_data" / f"{task}_{split}.jsonl").open()]
-        scores, tokens = [], 0
-        for i in range(0, len(rows), 16):
-            ids = [tok(r["text"], add_special_tokens=False)["input_ids"][:63] for r in rows[i : i + 16]]  # as trained
-            tokens += sum(len(x) + 1 for x in ids)  # + the start token's prediction of the first token
-            width = max(map(len, ids))
-            x = torch.tensor([[0] * (width - len(t)) + t for t in ids])  # left padding
-            m = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in ids])
-            scores.append(am.sequence_log_likelihood(x, m))
-        ll = torch.cat(scores, 1)  # (K, N)
+        texts = [r["text"] for r in rows]
+        ll = prefix_log_likelihoods(am, tok, texts, max_length=63)  # (K, N); 63 text tokens, as trained
+        # + 1 per text: the start token's prediction of the first token
+        tokens = sum(min(len(tok(t, add_special_tokens=False)["input_ids"]), 63) + 1 for t in texts)
         y = torch.tensor([am.attributes.index(r["attribute"]) for r in rows])
         hit = (ll.argmax(0) == y).float()
         result[split] = {"n": len(rows), "accuracy": float(hit.mean()),

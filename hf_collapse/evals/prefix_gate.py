@@ -13,25 +13,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["prefix_classifier_predictions", "prefix_gate"]
+__all__ = ["prefix_classifier_predictions", "prefix_gate", "prefix_log_likelihoods"]
 
 
 @torch.no_grad()
-def prefix_classifier_predictions(
+def prefix_log_likelihoods(
     attribute_model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int = 128
-) -> list[str]:
-    """The attribute whose prefix gives each text the highest log-likelihood.
+) -> torch.Tensor:
+    """``(K, N)``: log p_k(text) of every text under every attribute's prefix.
 
     Args:
         attribute_model: an ``AttributePrefixModel`` (its start token, if any, is applied as in training).
         tokenizer: the base model's tokenizer.
-        texts: the texts to classify (non-empty strings).
+        texts: the texts to score (non-empty strings).
         batch_size: texts per forward (each forward runs K·batch_size rows).
         max_length: texts are cut to this many tokens.
     """
     if any(not isinstance(t, str) or not t.strip() for t in texts):
-        raise ValueError("prefix_classifier_predictions needs non-empty texts")
-    predictions: list[str] = []
+        raise ValueError("prefix_log_likelihoods needs non-empty texts")
+    scores = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in chunk]
@@ -42,9 +42,17 @@ def prefix_classifier_predictions(
         for r, x in enumerate(ids):
             input_ids[r, width - len(x) :] = torch.tensor(x)
             mask[r, width - len(x) :] = 1
-        scores = attribute_model.sequence_log_likelihood(input_ids, mask)  # (K, B)
-        predictions += [attribute_model.attributes[i] for i in scores.argmax(0).tolist()]
-    return predictions
+        scores.append(attribute_model.sequence_log_likelihood(input_ids, mask))  # (K, B)
+    return torch.cat(scores, dim=1)
+
+
+def prefix_classifier_predictions(
+    attribute_model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int = 128
+) -> list[str]:
+    """The attribute whose prefix gives each text the highest log-likelihood (arguments as
+    :func:`prefix_log_likelihoods`)."""
+    scores = prefix_log_likelihoods(attribute_model, tokenizer, texts, batch_size, max_length)
+    return [attribute_model.attributes[i] for i in scores.argmax(0).tolist()]
 
 
 def prefix_gate(
