@@ -62,15 +62,12 @@ TASKS = {
               "targets": ["world", "sports", "business", "science"], "prompts": "prompt_topic.jsonl",
               "judge": "topic", "official": ("Air_topic_60.0.jsonl", "topic", 60.0),
               "air": [10, 40, 60, 100, 140, 250, 500], "weighted": [10, 40, 140, 500], "init_text": "The news"},
-    # the sentiment task with SST-2 training phrases added (prefix_data.py): same prompts, judge and held-out sets
-    "sentiment_plus": {"attributes": ["positive", "negative"], "targets": ["positive", "negative"],
-                       "prompts": "prompt_sent.jsonl", "judge": "sentiment",
-                       "official": ("Air_sentiment_140.0.jsonl", "sentiment", 140.0),
-                       "air": [10, 40, 60, 100, 140, 250, 500], "weighted": [10, 40, 140, 500], "init_text": "The movie"},
     "detox": {"attributes": ["nontoxic", "toxic"], "targets": ["nontoxic"], "prompts": "prompt_detoxification.jsonl",
               "judge": "toxicity", "official": ("Air_detoxification_120.0.jsonl", None, 120.0),
               "air": [120], "weighted": [], "init_text": "The comment"},
 }  # fmt: skip
+# the sentiment task with SST-2 training phrases added (prefix_data.py): same prompts, judge and held-out sets
+TASKS["sentiment_plus"] = dict(TASKS["sentiment"])
 
 
 def run_name(task: str, a) -> str:
