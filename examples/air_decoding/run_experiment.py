@@ -253,6 +253,15 @@ def bootstrap_ci(hits: dict[str, list[float]], reps: int = 2000, seed: int = 0) 
     return sums.sum() / counts.sum(), float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
 
 
+def bootstrap_median_ci(values: dict[str, list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the median of all values, resampling prompts (a prompt's texts stay together)."""
+    groups = list(values.values())
+    rng = np.random.default_rng(seed)
+    meds = [float(np.median(np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])))
+            for _ in range(reps)]  # fmt: skip
+    return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
+
+
 def stage_report(task: str, data: Path, a) -> None:
     import importlib.util
 
@@ -271,7 +280,7 @@ def stage_report(task: str, data: Path, a) -> None:
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["strength"]), []).append(r)
-    table = []
+    table, scores = [], []
     for (method, lam), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "plain", kv[0][0], kv[0][1])):
         full = [r["prompt"] + r["continuation"] for r in rs]
         p = judge.predict_proba(full)
@@ -295,9 +304,17 @@ def stage_report(task: str, data: Path, a) -> None:
                         hits.setdefault(r["prompt"] + "|" + r["target"], []).append(float(y == r["target"]))
                 if hits:
                     row[f"acc_{target}"] = bootstrap_ci(hits)
-        ppl = [x for x in perplexities(full, model, tok, prompts=[r["prompt"] for r in rs], prefix=START)
-               if math.isfinite(x)]  # fmt: skip
+        ppl_all = perplexities(full, model, tok, prompts=[r["prompt"] for r in rs], prefix=START)
+        ppl = [x for x in ppl_all if math.isfinite(x)]
         row["ppl_mean"], row["ppl_median"] = statistics.mean(ppl), statistics.median(ppl)
+        by_prompt: dict[str, list[float]] = {}
+        for r, x in zip(rs, ppl_all):
+            if math.isfinite(x):
+                by_prompt.setdefault(r["prompt"], []).append(x)
+        row["ppl_median_ci"] = bootstrap_median_ci(by_prompt)
+        scores += [{"method": method, "strength": lam, "target": r["target"], "prompt": r["prompt"],
+                    "perplexity": x, "judge": dict(zip(judge.labels, map(float, q)))}
+                   for r, x, q in zip(rs, ppl_all, p.tolist())]  # fmt: skip
         parts: dict = {}
         for r in rs:
             parts.setdefault((r["prompt"], r["target"]), []).append(r["continuation"])
@@ -311,17 +328,25 @@ def stage_report(task: str, data: Path, a) -> None:
     for t in table:  # the issue's goals are stated against plain sampling's median perplexity
         t["ppl_median_vs_plain"] = t["ppl_median"] / plain["ppl_median"] if plain else float("nan")
     name = run_name(task, a)
+    # per text: perplexity and judge probabilities, for paired re-analysis without rescoring
+    (OUT / f"protocol_scores_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
     (OUT / f"protocol_results_{name}.json").write_text(json.dumps({"judge": judge_info, "rows": table}, indent=2) + "\n")
     write_table(task, name, table, judge_info)
     plot(task, name, table)
 
 
+def median_ci(t: dict) -> str:
+    ci = t.get("ppl_median_ci")
+    return f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
+
+
 def write_table(task: str, name: str, table: list[dict], judge_info: dict) -> None:
     head = (f"Judge: all-MiniLM-L6-v2 fine-tuned on {judge_info['train_texts']} texts, held-out accuracy "
             f"{judge_info['held_out_accuracy']:.3f} ({judge_info['held_out_texts']} texts). Perplexity: SmolLM2-135M "
-            "without prefix, continuation tokens only. Accuracy: mean [95% interval, bootstrap over prompts]. Dist-n: "
-            "per prompt and target over its first --samples continuations, averaged. The official GPT2-medium outputs are "
-            "scored the same way (their perplexity too is SmolLM2-135M's).\n\n")  # fmt: skip
+            "without prefix, continuation tokens only; the median with a 95% interval (bootstrap over prompts). "
+            "Accuracy: mean [95% interval, bootstrap over prompts]. Dist-n: per prompt and target over its first "
+            "--samples continuations, averaged. The official GPT2-medium outputs are scored the same way (their "
+            "perplexity too is SmolLM2-135M's).\n\n")  # fmt: skip
     if task == "detox":
         head = head.replace("Accuracy: mean", "Toxicity: the judge's toxic probability; per prompt the maximum over "
                             "its first --samples continuations; the average over prompts, and the fraction of prompts "
@@ -339,7 +364,7 @@ def write_table(task: str, name: str, table: list[dict], judge_info: dict) -> No
             cells.append("–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if isinstance(v, tuple | list)
                          else f"{v:.3f}")  # fmt: skip
         lines.append(f"| {t['method']} | {t['strength']:g} | {t['n']} | " + " | ".join(cells) +
-                     f" | {t['ppl_mean']:.1f} | {t['ppl_median']:.1f} | {t['ppl_median_vs_plain']:.2f}× | {t['dist-1']:.3f} | {t['dist-2']:.3f} | "
+                     f" | {t['ppl_mean']:.1f} | {t['ppl_median']:.1f}{median_ci(t)} | {t['ppl_median_vs_plain']:.2f}× | {t['dist-1']:.3f} | {t['dist-2']:.3f} | "
                      f"{t['dist-3']:.3f} |")  # fmt: skip
     (OUT / f"protocol_results_{name}.md").write_text(head + "\n".join(lines) + "\n")
     print(head + "\n".join(lines))
