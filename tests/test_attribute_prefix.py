@@ -488,7 +488,9 @@ def test_prefixed_forward_equals_peft_forward(make, tmp_path):
         ap.prefixed_forward(base, ids, shape.num_virtual_tokens)
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-sentiment-prefixes", "smollm2-135m-topic-prefixes"])
+@pytest.mark.parametrize(
+    "name", ["smollm2-135m-sentiment-prefixes", "smollm2-135m-topic-prefixes", "smollm2-135m-detox-prefixes"]
+)
 def test_bundled_checkpoints_load_with_the_concept_reader(name):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
 NAMES = [
     "smollm2-135m-sentiment-prefixes",
     "smollm2-135m-topic-prefixes",
+    "smollm2-135m-detox-prefixes",
     "robust-mamba2-tiny",
     "dual-head-fashion-mnist",
     "sentiment-judge",

@@ -22,6 +22,7 @@ START = "<|endoftext|>"
 START_ID = 0  # SmolLM2's <|endoftext|>
 DATASETS = {"sentiment": ["cornell-movie-review-data/rotten_tomatoes"], "topic": ["fancyzhx/ag_news"],
             "detox": ["google/jigsaw_toxicity_pred"]}  # fmt: skip
+STRENGTH = {"sentiment": 140.0, "topic": 60.0, "detox": 120.0}  # the official strengths, which the protocol runs use
 GATE_SET = {"sentiment": "SST-2 test (the GLUE dev sentences)", "topic": "AG News test",
             "detox": "the held-out Jigsaw fifth"}  # fmt: skip
 
@@ -126,6 +127,7 @@ def main() -> None:
         language="en",
         attributes=", ".join(attributes),
         example_target=attributes[0],
+        example_strength=STRENGTH[a.task],
         model_description=(
             f"Prefix length {index['num_virtual_tokens']}; every training text started with `{START}`, which "
             "`AttributePrefixModel` puts before every prompt itself (`attribute_prefixes.json` records it as "
