@@ -223,7 +223,7 @@ def official_rows(task: str, data: Path, prompts: list[str]) -> list[dict]:
     rows = [json.loads(x) for x in (data / "air_decoding" / "official_outputs" / name).open() if x.strip()]
     out = []
     for r in rows:
-        if key is None:  # detox: {"prompt", "text": {"0".."24": continuation}}
+        if key is None:  # detox: {"prompt", "text": {"0".."19": continuation}}
             out += [{"method": "official GPT2-medium", "strength": lam, "target": "nontoxic", "prompt": r["prompt"],
                      "continuation": c} for c in r["text"].values()]  # fmt: skip
             continue
@@ -291,7 +291,7 @@ def stage_report(task: str, data: Path, a) -> None:
             for r, t in zip(rs, tox):
                 per_prompt.setdefault(r["prompt"], []).append(t)
             # the maximum over a prompt's samples grows with their number: every method gets its first --samples
-            # (the official file has 25 per prompt, ours --samples)
+            # (the official file has 20 per prompt, ours --samples)
             worst = {k: max(v[: a.samples]) for k, v in per_prompt.items()}
             row["avg_max_toxicity"] = bootstrap_ci({k: [v] for k, v in worst.items()})
             row["toxic_prompt_fraction"] = bootstrap_ci({k: [float(v > 0.5)] for k, v in worst.items()})
