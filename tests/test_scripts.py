@@ -45,6 +45,10 @@ def test_every_command_has_a_main():
         (["passkey"], "the following arguments are required: --model"),
         (["demo", "--strength", "inf"], "--strength must be a finite number"),
         (["demo", "--only", "air", "--judge", "/no/such/judge"], "--judge: /no/such/judge is not a judge: it has"),
+        (["demo", "--air_task", "nope"], "--air_task must be one of ('sentiment', 'topic', 'detox')"),
+        # the bundled judge only knows sentiment: refused for topic before the LM is loaded
+        (["demo", "--only", "air", "--air_task", "topic", "--judge", str(checkpoints_dir() / "sentiment-judge")],
+         "not ['world', 'sports', 'business', 'science']"),
         (["train-prefixes", "--model", "m", "--data", "/no/such.jsonl", "--output_dir", "o"], "is not a file"),
     ],
 )
@@ -59,6 +63,14 @@ def test_debug_env_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("HF_COLLAPSE_DEBUG", "1")
     with pytest.raises(ValueError, match="--trials"):
         main(["passkey", "--model", "m", "--trials", "0"])
+
+
+def test_every_demo_task_steers_toward_attributes_its_bundled_checkpoint_has():
+    from hf_collapse.scripts.demo import AIR_TASKS
+
+    for name, task in AIR_TASKS.items():
+        index = json.loads((bundled_checkpoint(task.checkpoint) / "attribute_prefixes.json").read_text())
+        assert set(task.targets) <= set(index["attributes"]), name
 
 
 def test_bundled_checkpoints_are_package_data():

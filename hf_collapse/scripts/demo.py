@@ -1,7 +1,8 @@
 """`hf-collapse demo`: the three fixes on real bundled checkpoints, one section each.
 
-* `air`:   SmolLM2-135M, plain sampling next to Air-Decoding toward positive and negative, judged by a bundled
-           sentiment classifier.
+* `air`:   SmolLM2-135M, plain sampling next to Air-Decoding with the bundled prefixes of one task (`--air_task`):
+           toward positive and negative (judged by the bundled sentiment classifier), toward each news topic, or
+           toward non-toxic text; other tasks are labelled when `--judge` names a classifier for their labels.
 * `mamba`: the bundled small Mamba-2 over a long input, with and without the state-collapse mitigations.
 * `dhkd`:  the bundled dual-head student classifying Fashion-MNIST test images (the installed dataset, else the 300
            test images shipped in the package).
@@ -22,6 +23,25 @@ from .utils import CHECKPOINTS_ENV, CommandError, checkpoints_dir, parse_args
 SECTIONS = ("air", "mamba", "dhkd")
 
 
+@dataclass(frozen=True)
+class AirDemoTask:
+    """One bundled prefix checkpoint as the demo shows it."""
+
+    checkpoint: str
+    targets: tuple[str, ...]  # steered toward; detox shows only the direction a user wants
+    strength: float  # the strength the checkpoint's card evaluates (docs/air_decoding.md)
+    prompts: str
+
+
+AIR_TASKS = {
+    "sentiment": AirDemoTask("smollm2-135m-sentiment-prefixes", ("positive", "negative"), 140.0, "The movie|The book"),
+    "topic": AirDemoTask("smollm2-135m-topic-prefixes", ("world", "sports", "business", "science"), 60.0,
+                         "In summary|This essay discusses"),
+    "detox": AirDemoTask("smollm2-135m-detox-prefixes", ("nontoxic",), 120.0,
+                         "He looked at me and said|The comments under the video called him a"),
+}  # fmt: skip
+
+
 @dataclass
 class DemoScriptArguments:
     """Options of `hf-collapse demo`."""
@@ -31,10 +51,19 @@ class DemoScriptArguments:
         default=None,
         metadata={"help": "Folder of the bundled checkpoints (default: $HF_COLLAPSE_CHECKPOINTS, else the installed package's)."},
     )
-    prompts: str = field(
-        default="The movie|The book", metadata={"help": "'|'-separated prompts for the Air-Decoding section."}
+    air_task: str = field(
+        default="sentiment",
+        metadata={"help": f"Which bundled prefixes the Air-Decoding section steers with: one of {tuple(AIR_TASKS)}."},
     )
-    strength: float = field(default=40.0, metadata={"help": "Air-Decoding control strength lambda."})
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "'|'-separated prompts for the Air-Decoding section (default: two per --air_task)."},
+    )
+    strength: float | None = field(
+        default=None,
+        metadata={"help": "Air-Decoding control strength lambda (default: the strength the task's checkpoint card "
+                  "evaluates: sentiment 140, topic 60, detox 120)."},
+    )  # fmt: skip
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per continuation."})
     mamba_tokens: int = field(default=8192, metadata={"help": "Length of the long input of the Mamba-2 section."})
     fashion_mnist_dir: str = field(
@@ -44,13 +73,16 @@ class DemoScriptArguments:
         default=None,
         metadata={"help": "Folder of the sentiment judge that labels the Air-Decoding section: a transformers "
                   "sequence classifier with 'positive'/'negative' labels (examples/air_decoding/transformer_judges.py "
-                  "builds one) or a HashedBowJudge (default: the bundled sentiment-judge)."},
+                  "builds one) or a HashedBowJudge (default: the bundled sentiment-judge for --air_task sentiment; "
+                  "other tasks are shown unlabelled unless --judge names a classifier with their labels)."},
     )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's)."})
 
     def __post_init__(self) -> None:
-        check_number("--", "strength", self.strength, minimum=0.0)
+        if self.air_task not in AIR_TASKS:
+            raise CommandError(f"--air_task must be one of {tuple(AIR_TASKS)}, got {self.air_task!r}")
+        check_number("--", "strength", self.strength, minimum=0.0, allow_none=True)
         check_number("--", "max_new_tokens", self.max_new_tokens, integer=True, minimum=1)
         check_number("--", "mamba_tokens", self.mamba_tokens, integer=True, minimum=16)
         check_number("--", "threads", self.threads, integer=True, minimum=1, allow_none=True)
@@ -69,10 +101,18 @@ def _header(title: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ sections
 def section_air(a: DemoScriptArguments, ckpt: Path) -> None:
-    _header("Attribute collapse -> Air-Decoding (SmolLM2-135M + bundled sentiment prefixes)")
-    prefixes = ckpt / "smollm2-135m-sentiment-prefixes"
-    judge_dir = Path(a.judge) if a.judge else ckpt / "sentiment-judge"
-    if not (_need(prefixes) and (a.judge or _need(judge_dir))):
+    task = AIR_TASKS[a.air_task]
+    _header(f"Attribute collapse -> Air-Decoding (SmolLM2-135M + bundled {a.air_task} prefixes)")
+    prefixes = ckpt / task.checkpoint
+    if a.judge:
+        judge_dir: Path | None = Path(a.judge)
+    elif a.air_task == "sentiment":
+        judge_dir = ckpt / "sentiment-judge"
+        if not _need(judge_dir):
+            return
+    else:
+        judge_dir = None
+    if not _need(prefixes):
         return
     import torch
 
@@ -81,34 +121,43 @@ def section_air(a: DemoScriptArguments, ckpt: Path) -> None:
     from ..processors.attribute_prefix_model import AttributePrefixModel
     from .smollm2 import load_smollm2
 
-    try:  # before the LM: a wrong --judge should not cost its loading time
-        judge = load_judge(judge_dir, labels=("positive", "negative"))
-    except (FileNotFoundError, ValueError) as e:
-        raise CommandError(f"--judge: {e}") from e
+    judge = None
+    if judge_dir is not None:
+        try:  # before the LM: a wrong --judge should not cost its loading time
+            judge = load_judge(judge_dir, labels=task.targets)
+        except (FileNotFoundError, ValueError) as e:
+            raise CommandError(f"--judge: {e}") from e
+    strength = task.strength if a.strength is None else a.strength
     model, tok = load_smollm2()
     attr = AttributePrefixModel.from_pretrained(model, prefixes)
+    # the base LM reads the prompt the way the prefixes were trained (after the start text); the prefix model
+    # holds the start token in its cache and hides the prompt's own copy
     start = json.loads((prefixes / "attribute_prefixes.json").read_text()).get("start_text", "")
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     from tqdm.auto import tqdm
 
-    prompts = [p for p in a.prompts.split("|") if p]
-    jobs = [(p, t) for p in prompts for t in (None, "positive", "negative")]
+    prompts = [p for p in (a.prompts or task.prompts).split("|") if p]
+    jobs = [(p, t) for p in prompts for t in (None, *task.targets)]
     rows = []
     for prompt, target in tqdm(jobs, desc="generating", unit="text"):
         torch.manual_seed(a.seed)
         enc = tok([start + prompt], return_tensors="pt")
         procs = []
         if target is not None:
-            procs = [AirDecodingLogitsProcessor(attr, target, a.strength, prompt_attention_mask=enc["attention_mask"])]
+            procs = [AirDecodingLogitsProcessor(attr, target, strength, prompt_attention_mask=enc["attention_mask"])]
         out = model.generate(**enc, logits_processor=procs, do_sample=True, top_k=200, top_p=1.0,
                              max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id)  # fmt: skip
         text = prompt + tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         text = " ".join(text.split())
-        rows.append((prompt, target or "plain", judge.predict([text])[0], text))
-    for _prompt, method, verdict, text in rows:
-        print(f"[{method:>8} | judge: {verdict:>8}] {text}")
+        verdict = judge.predict([text])[0] if judge is not None else None
+        rows.append((target or "plain", verdict, text))
+    print(f"lambda = {strength:g}, the same seed for every row")
+    width = max(len(m) for m, _, _ in rows)
+    for method, verdict, text in rows:
+        label = f" | judge: {verdict:>8}" if verdict is not None else ""
+        print(f"[{method:>{width}}{label}] {text}")
 
 
 def section_mamba(a: DemoScriptArguments, ckpt: Path) -> None:
