@@ -262,6 +262,52 @@ def bootstrap_median_ci(values: dict[str, list[float]], reps: int = 2000, seed: 
     return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
 
 
+def stage_collapse(task: str, a, reps: int = 2000) -> dict:
+    """The attribute-collapse comparison from the per-text scores (no model runs): weighted decoding at its most
+    accurate λ against Air-Decoding at the smallest λ that is at least as accurate, paired over prompts (the same
+    prompts and seeds): a bootstrap over prompts of the ratio of median perplexities and of the accuracy difference.
+    """
+    name = run_name(task, a)
+    table = {(r["method"], r["strength"]): r for r in json.loads((OUT / f"protocol_results_{name}.json").read_text())["rows"]}
+    scores = [json.loads(x) for x in (OUT / f"protocol_scores_{name}.jsonl").open()]
+    weighted = [r for (m, _), r in table.items() if m == "weighted"]
+    air = sorted((r for (m, _), r in table.items() if m == "air"), key=lambda r: r["strength"])
+    if not weighted or not air:
+        raise SystemExit(f"protocol_results_{name}.json needs both air and weighted rows")
+    w = max(weighted, key=lambda r: r["acc_all"][0])
+    match = next((r for r in air if r["acc_all"][0] >= w["acc_all"][0]), max(air, key=lambda r: r["acc_all"][0]))
+    by_prompt: dict[tuple[str, float], dict[str, list[tuple[float, bool]]]] = {}
+    for r in scores:
+        hit = max(r["judge"], key=r["judge"].get) == r["target"]
+        by_prompt.setdefault((r["method"], r["strength"]), {}).setdefault(r["prompt"], []).append((r["perplexity"], hit))
+    prompts = sorted(by_prompt[("weighted", w["strength"])])
+    pick = {k: by_prompt[k] for k in (("weighted", w["strength"]), ("air", match["strength"]), ("plain", 0.0))}
+    rng = np.random.default_rng(a.seed)
+
+    def stats(sample: list[str], key) -> tuple[float, float]:
+        vals = [v for q in sample for v in pick[key][q]]
+        return float(np.median([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))
+
+    ratio, dacc = [], []
+    for _ in range(reps):
+        sample = [prompts[i] for i in rng.integers(0, len(prompts), len(prompts))]
+        (pw, aw), (pa, aa) = stats(sample, ("weighted", w["strength"])), stats(sample, ("air", match["strength"]))
+        ratio.append(pw / pa)
+        dacc.append(aw - aa)
+    (pw, aw), (pa, aa) = stats(prompts, ("weighted", w["strength"])), stats(prompts, ("air", match["strength"]))
+    pp, _ = stats(prompts, ("plain", 0.0))
+    out = {
+        "weighted": {"strength": w["strength"], "accuracy": aw, "ppl_median": pw, "ppl_median_vs_plain": pw / pp},
+        "air": {"strength": match["strength"], "accuracy": aa, "ppl_median": pa, "ppl_median_vs_plain": pa / pp},
+        "ppl_median_ratio_weighted_over_air": [pw / pa, *np.quantile(ratio, [0.025, 0.975]).tolist()],
+        "accuracy_weighted_minus_air": [aw - aa, *np.quantile(dacc, [0.025, 0.975]).tolist()],
+        "prompts": len(prompts), "reps": reps,
+    }  # fmt: skip
+    (OUT / f"protocol_collapse_{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    return out
+
+
 def stage_report(task: str, data: Path, a) -> None:
     import importlib.util
 
@@ -380,25 +426,41 @@ def plot(task: str, name: str, table: list[dict]) -> None:
 
     plain = [t for t in table if t["method"] == "plain"]
     official = [t for t in table if t["method"].startswith("official")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     for method, style in (("air", "o-"), ("weighted", "s--")):
         pts = sorted((t["strength"], t) for t in table if t["method"] == method)
         if not pts:
             continue
         pts = [(0.0, plain[0])] + pts if plain else pts
         xs = [max(x, 1.0) for x, _ in pts]  # λ = 0 drawn at 1 on the log axis
-        axes[0].plot(xs, [t["ppl_median"] for _, t in pts], style, label=method)
+        med = [t["ppl_median"] for _, t in pts]
+        if all("ppl_median_ci" in t for _, t in pts):
+            lo, hi = zip(*(t["ppl_median_ci"] for _, t in pts))
+            axes[0].errorbar(xs, med, yerr=[[m - v for m, v in zip(med, lo)], [v - m for m, v in zip(med, hi)]],
+                             fmt=style, capsize=3, label=method)  # fmt: skip
+        else:  # tables written before the median's interval existed
+            axes[0].plot(xs, med, style, label=method)
         acc = [t["acc_all"] for _, t in pts]
         axes[1].errorbar(xs, [v[0] for v in acc], yerr=[[v[0] - v[1] for v in acc], [v[2] - v[0] for v in acc]],
                          fmt=style, capsize=3, label=method)  # fmt: skip
+        # the collapse itself: what each method pays in fluency for a given accuracy
+        axes[2].plot(med, [v[0] for v in acc], style, label=method)
+        for (lam, _), m, v in zip(pts, med, acc):
+            axes[2].annotate(f"{lam:g}", (m, v[0]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     for t in official:
         axes[0].plot([t["strength"]], [t["ppl_median"]], "k*", ms=11, label="official GPT2-medium")
         axes[1].plot([t["strength"]], [t["acc_all"][0]], "k*", ms=11, label="official GPT2-medium")
-    for ax, name in zip(axes, ("perplexity (median, base LM without prefix)", "attribute accuracy (judge, 95% CI)")):
+    labels = ("perplexity (median [95% CI], base LM without prefix)", "attribute accuracy (judge, 95% CI)")
+    for ax, label in zip(axes, labels):
         ax.set_xscale("log")
         ax.set_xlabel("control strength λ (λ=0 plotted at 1)")
-        ax.set_ylabel(name)
+        ax.set_ylabel(label)
         ax.legend(fontsize=8)
+    for t in official:
+        axes[2].plot([t["ppl_median"]], [t["acc_all"][0]], "k*", ms=11, label="official GPT2-medium")
+    axes[2].set_xlabel("perplexity (median, base LM without prefix); points labelled with λ")
+    axes[2].set_ylabel("attribute accuracy (judge)")
+    axes[2].legend(fontsize=8)
     axes[0].set_yscale("log")
     fig.suptitle(f"Attribute collapse, SmolLM2-135M, {name}")
     fig.tight_layout()
@@ -408,7 +470,10 @@ def plot(task: str, name: str, table: list[dict]) -> None:
 def main() -> None:
     global OUT, RUNS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["data", "train", "gate", "judge", "generate", "report"])
+    ap.add_argument("stage", choices=["data", "train", "gate", "judge", "generate", "report", "plot", "collapse"],
+                    help="plot: redraw the collapse plot from protocol_results_<task>.json; collapse: weighted "
+                    "decoding at its best accuracy vs Air-Decoding at that accuracy, paired bootstrap over prompts "
+                    "from protocol_scores_<task>.jsonl (neither runs a model)")
     ap.add_argument("--task", choices=list(TASKS), default="sentiment")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--threads", type=int, default=2)
@@ -451,6 +516,11 @@ def main() -> None:
         stage_judge(a.task)
     elif a.stage == "generate":
         stage_generate(a.task, data, a)
+    elif a.stage == "collapse":
+        stage_collapse(a.task, a)
+    elif a.stage == "plot":
+        name = run_name(a.task, a)
+        plot(a.task, name, json.loads((OUT / f"protocol_results_{name}.json").read_text())["rows"])
     else:
         stage_report(a.task, data, a)
 
