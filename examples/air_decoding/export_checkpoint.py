@@ -3,8 +3,10 @@
     python examples/air_decoding/export_checkpoint.py --task sentiment   # -> checkpoints/smollm2-135m-sentiment-prefixes
     python examples/air_decoding/export_checkpoint.py --task topic       # -> checkpoints/smollm2-135m-topic-prefixes
     python examples/air_decoding/export_checkpoint.py --task detox       # -> checkpoints/smollm2-135m-detox-prefixes
+    # a second run of a task (e.g. sentiment trained on more text) published under the task's name:
+    python examples/air_decoding/export_checkpoint.py --task sentiment --run sentiment_plus
 
-Reads the attribute prefixes written by `run_experiment.py train` (in runs/prefixes/<task>)
+Reads the attribute prefixes written by `run_experiment.py train` (in runs/prefixes/<run>, <run> = --run or the task)
 and writes them again with `hf_collapse.modeling.attribute_prefixes.write_attribute_prefixes`: the Hub base model is
 named in `attribute_prefixes.json` and in every `adapter_config.json`, the prompt prefix the prefixes were trained with
 is recorded (`start_text`, `start_token_id`: `AttributePrefixModel` applies it itself), the model card carries the quality gate, the training summary and the protocol table (`protocol_results_<task>.md`), and the Trainer's
@@ -21,7 +23,8 @@ REPO = HERE.parents[1]
 START = "<|endoftext|>"
 START_ID = 0  # SmolLM2's <|endoftext|>
 DATASETS = {"sentiment": ["cornell-movie-review-data/rotten_tomatoes"], "topic": ["fancyzhx/ag_news"],
-            "detox": ["google/jigsaw_toxicity_pred"]}  # fmt: skip
+            "detox": ["google/jigsaw_toxicity_pred"],
+            "sentiment_plus": ["cornell-movie-review-data/rotten_tomatoes", "stanfordnlp/sst2"]}  # fmt: skip
 STRENGTH = {"sentiment": 140.0, "topic": 60.0, "detox": 120.0}  # the official strengths, which the protocol runs use
 GATE_SET = {"sentiment": "SST-2 test (the GLUE dev sentences)", "topic": "AG News test",
             "detox": "the held-out Jigsaw fifth"}  # fmt: skip
@@ -63,13 +66,16 @@ def training_summary(task: str) -> str:
     path = HERE / f"protocol_prefixes_{task}.json"
     if not path.is_file():
         return "Short training (60 steps, an early run)."
-    curve = json.loads(path.read_text())["curve"]
+    record = json.loads(path.read_text())
+    curve = record["curve"]
+    init = (record.get("settings") or {}).get("init_prefixes")
+    warm = f" Warm-started from the converged `{init}` prefixes of the same protocol." if init else ""
     evals = [r for r in curve if "eval_loss" in r]
     best = min(evals, key=lambda r: r["eval_loss"])
     return (f"Trained with early stopping on the held-out next-token loss ({len(evals)} evaluations, stopped at step "
             f"{evals[-1]['step']}, epoch {evals[-1]['epoch']:.2f}; these are the best prefixes, step {best['step']}, "
             f"held-out loss {best['eval_loss']:.3f} nats/token, from {evals[0]['eval_loss']:.3f} at the first "
-            "evaluation).")  # fmt: skip
+            f"evaluation).{warm}")  # fmt: skip
 
 
 def experiment_table(task: str) -> str:
@@ -93,10 +99,13 @@ def experiment_table(task: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--task", choices=["sentiment", "topic", "detox"], default="sentiment")
+    p.add_argument("--run", default=None, help="the protocol run to publish (runs/prefixes/<run>, "
+                   "protocol_*_<run>.*; e.g. sentiment_plus); default: the task's own run")
     p.add_argument("--src", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    src = Path(a.src or REPO / "runs" / "prefixes" / a.task)
+    run = a.run or a.task
+    src = Path(a.src or REPO / "runs" / "prefixes" / run)
     out = Path(a.out or REPO / "checkpoints" / f"smollm2-135m-{a.task}-prefixes")
 
     from peft import PrefixTuningConfig
@@ -110,18 +119,18 @@ def main() -> None:
     peft_config = PrefixTuningConfig.from_pretrained(str(src / attributes[0]))
     base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-    gate = gate_result(a.task, src)
+    gate = gate_result(run, src)
     per = ", ".join(f"{k} {v:.3f}" for k, v in gate["per_attribute"].items())
     gate_line = (f"**Quality gate** (the classifier the prefixes imply: argmax over attributes of a text's "
                  f"log-likelihood under each prefix) on {GATE_SET[a.task]}, {gate['n']} texts: accuracy "
                  f"**{gate['accuracy']:.3f}** ({per}).")  # fmt: skip
-    protocol = (HERE / f"protocol_results_{a.task}.md").is_file()
+    protocol = (HERE / f"protocol_results_{run}.md").is_file()
     card = make_model_card(
         "attribute_prefixes",
         model_id=out.name,
         repo_id=f"hf-collapse/{out.name}",
         base_model=base_model,
-        datasets=DATASETS[a.task],
+        datasets=DATASETS[run],
         metrics=["accuracy", "perplexity"],
         license="apache-2.0",
         language="en",
@@ -131,9 +140,9 @@ def main() -> None:
         model_description=(
             f"Prefix length {index['num_virtual_tokens']}; every training text started with `{START}`, which "
             "`AttributePrefixModel` puts before every prompt itself (`attribute_prefixes.json` records it as "
-            f"`start_token_id`). {training_summary(a.task)}\n\n{gate_line}"
+            f"`start_token_id`). {training_summary(run)}\n\n{gate_line}"
         ),
-        results_table=experiment_table(a.task),
+        results_table=experiment_table(run),
         limitations="Prefixes are tied to SmolLM2-135M-Instruct (the Q4_1 GGUF weights, dequantised); "
         + ("accuracy and toxicity were measured with all-MiniLM-L6-v2 classifiers fine-tuned for the purpose "
            "(examples/air_decoding/transformer_judges.py), which make their own errors."
