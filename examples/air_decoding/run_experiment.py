@@ -169,9 +169,10 @@ def stage_generate(task: str, data: Path, a) -> None:
     fused = AirDecodingForCausalLM.from_base(model, RUNS / "prefixes" / run_name(task, a), tokenizer=tok)
     prompts = load_prompts(task, data)[: a.max_prompts]
     spec = TASKS[task]
-    keep = (lambda lam: True) if a.strengths is None else (lambda lam: lam in a.strengths)
-    grid = ([("plain", 0.0)] + [("air", float(x)) for x in spec["air"] if keep(x)]
-            + [("weighted", float(x)) for x in spec["weighted"] if keep(x)])  # fmt: skip
+    # --strengths: Air-Decoding at exactly these λ (in the sweep or not), weighted decoding at those of its sweep
+    air = spec["air"] if a.strengths is None else a.strengths
+    weighted = [x for x in spec["weighted"] if a.strengths is None or x in a.strengths]
+    grid = [("plain", 0.0)] + [("air", float(x)) for x in air] + [("weighted", float(x)) for x in weighted]
     out_path = OUT / f"protocol_generations_{run_name(task, a)}.jsonl"
     done = set()
     if out_path.exists():
@@ -493,7 +494,8 @@ def main() -> None:
     ap.add_argument("--prefixes", default=None, help="gate: this prefix folder (e.g. a checkpoint) instead of "
                     "runs/prefixes/<task>[_<variant>]")
     ap.add_argument("--strengths", type=float, nargs="+", default=None,
-                    help="generate: only these λ of the sweep (plain always); later runs add the rest")
+                    help="generate: Air-Decoding at these λ only (in the sweep or not), weighted decoding at "
+                    "those of its sweep (plain always); later runs add the rest")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--length", type=int, default=50)
     ap.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts (smoke tests)")
