@@ -17,7 +17,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def load(run: str) -> dict[tuple[str, float], dict[str, list[tuple[float, bool, str]]]]:
+def load_scores(run: str) -> dict[tuple[str, float], dict[str, list[tuple[float, bool, str]]]]:
+    """Per (method, λ), per prompt: (perplexity, judged as the target, target) of each text."""
     out: dict[tuple[str, float], dict[str, list[tuple[float, bool, str]]]] = {}
     for line in (HERE / f"protocol_scores_{run}.jsonl").open():
         r = json.loads(line)
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    base, other = load(a.base), load(a.other)
+    base, other = load_scores(a.base), load_scores(a.other)
     keys = sorted(k for k in set(base) & set(other) if k[0] != "plain" and not k[0].startswith("official"))
     if not keys:
         raise SystemExit(f"{a.base} and {a.other} share no (method, λ) block besides plain sampling")

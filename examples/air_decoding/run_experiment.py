@@ -270,33 +270,28 @@ def stage_collapse(task: str, a, reps: int = 2000) -> dict:
     """
     name = run_name(task, a)
     table = {(r["method"], r["strength"]): r for r in json.loads((OUT / f"protocol_results_{name}.json").read_text())["rows"]}
-    scores = [json.loads(x) for x in (OUT / f"protocol_scores_{name}.jsonl").open()]
     weighted = [r for (m, _), r in table.items() if m == "weighted"]
     air = sorted((r for (m, _), r in table.items() if m == "air"), key=lambda r: r["strength"])
     if not weighted or not air:
         raise SystemExit(f"protocol_results_{name}.json needs both air and weighted rows")
     w = max(weighted, key=lambda r: r["acc_all"][0])
     match = next((r for r in air if r["acc_all"][0] >= w["acc_all"][0]), max(air, key=lambda r: r["acc_all"][0]))
-    by_prompt: dict[tuple[str, float], dict[str, list[tuple[float, bool]]]] = {}
-    for r in scores:
-        hit = max(r["judge"], key=r["judge"].get) == r["target"]
-        by_prompt.setdefault((r["method"], r["strength"]), {}).setdefault(r["prompt"], []).append((r["perplexity"], hit))
-    prompts = sorted(by_prompt[("weighted", w["strength"])])
-    pick = {k: by_prompt[k] for k in (("weighted", w["strength"]), ("air", match["strength"]), ("plain", 0.0))}
+    from compare_runs import load_scores, paired_stats  # the same per-text reading and paired statistics
+
+    by_prompt = load_scores(name)
+    pair = (by_prompt[("air", match["strength"])], by_prompt[("weighted", w["strength"])])
+    prompts = sorted(pair[1])
     rng = np.random.default_rng(a.seed)
-
-    def stats(sample: list[str], key) -> tuple[float, float]:
-        vals = [v for q in sample for v in pick[key][q]]
-        return float(np.median([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))
-
     ratio, dacc = [], []
     for _ in range(reps):
         sample = [prompts[i] for i in rng.integers(0, len(prompts), len(prompts))]
-        (pw, aw), (pa, aa) = stats(sample, ("weighted", w["strength"])), stats(sample, ("air", match["strength"]))
-        ratio.append(pw / pa)
-        dacc.append(aw - aa)
-    (pw, aw), (pa, aa) = stats(prompts, ("weighted", w["strength"])), stats(prompts, ("air", match["strength"]))
-    pp, _ = stats(prompts, ("plain", 0.0))
+        _, _, diff, r = paired_stats(pair, sample, None)
+        ratio.append(r)
+        dacc.append(diff)
+    aa, aw, _, _ = paired_stats(pair, prompts, None)
+    pa = float(np.median([v[0] for q in prompts for v in pair[0][q]]))
+    pw = float(np.median([v[0] for q in prompts for v in pair[1][q]]))
+    pp = float(np.median([v[0] for q in prompts for v in by_prompt[("plain", 0.0)][q]]))
     out = {
         "weighted": {"strength": w["strength"], "accuracy": aw, "ppl_median": pw, "ppl_median_vs_plain": pw / pp},
         "air": {"strength": match["strength"], "accuracy": aa, "ppl_median": pa, "ppl_median_vs_plain": pa / pp},
