@@ -17,10 +17,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def load_scores(run: str) -> dict[tuple[str, float], dict[str, list[tuple[float, bool, str]]]]:
-    """Per (method, λ), per prompt: (perplexity, judged as the target, target) of each text."""
+def load_scores(run: str, folder: Path = HERE) -> dict[tuple[str, float], dict[str, list[tuple[float, bool, str]]]]:
+    """Per (method, λ), per prompt: (perplexity, judged as the target, target) of each text in
+    ``folder/protocol_scores_<run>.jsonl``."""
     out: dict[tuple[str, float], dict[str, list[tuple[float, bool, str]]]] = {}
-    for line in (HERE / f"protocol_scores_{run}.jsonl").open():
+    for line in (folder / f"protocol_scores_{run}.jsonl").open():
         r = json.loads(line)
         hit = max(r["judge"], key=r["judge"].get) == r["target"]
         out.setdefault((r["method"], r["strength"]), {}).setdefault(r["prompt"], []).append(

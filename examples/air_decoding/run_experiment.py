@@ -278,7 +278,7 @@ def stage_collapse(task: str, a, reps: int = 2000) -> dict:
     match = next((r for r in air if r["acc_all"][0] >= w["acc_all"][0]), max(air, key=lambda r: r["acc_all"][0]))
     from compare_runs import load_scores, paired_stats  # the same per-text reading and paired statistics
 
-    by_prompt = load_scores(name)
+    by_prompt = load_scores(name, OUT)  # beside the table, in --results_dir
     pair = (by_prompt[("air", match["strength"])], by_prompt[("weighted", w["strength"])])
     prompts = sorted(pair[1])
     rng = np.random.default_rng(a.seed)
