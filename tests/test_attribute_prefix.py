@@ -196,6 +196,27 @@ def test_bad_index_is_refused_on_load(tmp_path, index, message):
         AttributePrefixModel.from_pretrained(tiny_gpt2(), ckpt)
 
 
+def test_default_strength_is_recorded_checked_and_exposed(tmp_path):
+    """The strength a publisher evaluated travels in the index; a bad one stops at the writer and at the reader."""
+    base = tiny_gpt2()
+    cfg, flats = _random_prefixes(base, ["positive", "negative"])
+    ckpt = ap.write_attribute_prefixes(tmp_path / "ckpt", ["positive", "negative"], flats, cfg,
+                                       extra_index={"default_strength": 60})  # fmt: skip
+    assert AttributePrefixModel.from_pretrained(base, ckpt).default_strength == 60.0
+    for bad in (float("nan"), -1.0, True, "60"):
+        with pytest.raises(ValueError, match="default_strength must be"):
+            ap.write_attribute_prefixes(tmp_path / "bad", ["positive", "negative"], flats, cfg,
+                                        extra_index={"default_strength": bad})  # fmt: skip
+        assert not (tmp_path / "bad").exists()
+    index = json.loads((ckpt / "attribute_prefixes.json").read_text())
+    for bad in (-1, "60", float("inf")):
+        (ckpt / "attribute_prefixes.json").write_text(json.dumps({**index, "default_strength": bad}))
+        with pytest.raises(ValueError, match="attribute_prefixes.json.*default_strength must be"):
+            AttributePrefixModel.from_pretrained(base, ckpt)
+    (ckpt / "attribute_prefixes.json").write_text(json.dumps({k: v for k, v in index.items() if k != "default_strength"}))
+    assert AttributePrefixModel.from_pretrained(base, ckpt).default_strength is None
+
+
 def test_prefixes_of_another_model_are_refused_before_generate(tmp_path):
     from air_decoding_utils import make_checkpoint
 
@@ -506,6 +527,8 @@ def test_bundled_checkpoints_load_with_the_concept_reader(name):
     ).eval()  # fmt: skip
     am = AttributePrefixModel.from_pretrained(lm, path)
     assert am.attributes == index["attributes"]
+    # the demo and `hf-collapse generate` steer at the strength the card evaluates
+    assert am.default_strength == {"sentiment": 140.0, "topic": 60.0, "detox": 120.0}[name.split("-")[2]]
     assert am(torch.tensor([[3, 4, 5]])).logits.shape == (len(prefixes), 1, 3, 50)
 
 

@@ -149,6 +149,15 @@ def test_train_prefixes_then_generate(tmp_path, capsys):
     assert rc == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("the movie")]
     assert len(lines) == 2
+    # without --strength: the checkpoint's default_strength when it records one, else the paper's 140
+    rc = main(["generate", "--model", str(model_dir), "--prefixes", str(out), "--attribute", "positive",
+               "--num_samples", "1", "--max_new_tokens", "2", "the movie"])  # fmt: skip
+    assert rc == 0 and "lambda = 140 (the checkpoint records no default_strength" in capsys.readouterr().err
+    index = json.loads((out / "attribute_prefixes.json").read_text())
+    (out / "attribute_prefixes.json").write_text(json.dumps({**index, "default_strength": 60.0}))
+    rc = main(["generate", "--model", str(model_dir), "--prefixes", str(out), "--attribute", "positive",
+               "--num_samples", "1", "--max_new_tokens", "2", "the movie"])  # fmt: skip
+    assert rc == 0 and "lambda = 60 (the checkpoint's default_strength)" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir), "--prefixes", str(out), "--attribute", "happy", "x"]) == 2
     assert "unknown --attribute 'happy'" in capsys.readouterr().err
     rc = main(["train-prefixes", "--model", str(model_dir), "--data", str(data), "--attributes", "positive",

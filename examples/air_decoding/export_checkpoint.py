@@ -9,8 +9,10 @@
 Reads the attribute prefixes written by `run_experiment.py train` (in runs/prefixes/<run>, <run> = --run or the task)
 and writes them again with `hf_collapse.modeling.attribute_prefixes.write_attribute_prefixes`: the Hub base model is
 named in `attribute_prefixes.json` and in every `adapter_config.json`, the prompt prefix the prefixes were trained with
-is recorded (`start_text`, `start_token_id`: `AttributePrefixModel` applies it itself), the model card carries the quality gate, the training summary and the protocol table (`protocol_results_<task>.md`), and the Trainer's
-pickled `training_args.bin` is left behind (bundled checkpoints hold safetensors and JSON only).
+is recorded (`start_text`, `start_token_id`: `AttributePrefixModel` applies it itself), so is the strength the card
+headlines (`default_strength`, which `hf-collapse generate` and the demo use when none is given), the model card
+carries the quality gate, the training summary and the protocol table (`protocol_results_<task>.md`), and the
+Trainer's pickled `training_args.bin` is left behind (bundled checkpoints hold safetensors and JSON only).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ START_ID = 0  # SmolLM2's <|endoftext|>
 DATASETS = {"sentiment": ["cornell-movie-review-data/rotten_tomatoes"], "topic": ["fancyzhx/ag_news"],
             "detox": ["google/jigsaw_toxicity_pred"],
             "sentiment_plus": ["cornell-movie-review-data/rotten_tomatoes", "stanfordnlp/sst2"]}  # fmt: skip
-STRENGTH = {"sentiment": 140.0, "topic": 60.0, "detox": 120.0}  # the official strengths, which the protocol runs use
+STRENGTH = {"sentiment": 140.0, "topic": 60.0, "detox": 120.0}  # official; index: default_strength
 GATE_SET = {"sentiment": "SST-2 test (the GLUE dev sentences)", "topic": "AG News test",
             "detox": "the held-out Jigsaw fifth"}  # fmt: skip
 
@@ -156,7 +158,7 @@ def main() -> None:
         peft_config,
         base_model=base_model,
         model_card=card,
-        extra_index={"start_text": START, "start_token_id": START_ID},
+        extra_index={"start_text": START, "start_token_id": START_ID, "default_strength": STRENGTH[a.task]},
     )
     print("saved", out, sorted(p.name for p in out.iterdir()))
 

@@ -14,6 +14,8 @@ what lives here, so neither depends on the other:
 The checkpoint layout::
 
     dir/attribute_prefixes.json    {"format", "attributes", "base_model", "num_virtual_tokens", "hf_collapse_version"}
+                                   + optional "start_text"/"start_token_id" (the conditioning training used) and
+                                   "default_strength" (the control strength the publisher evaluated)
     dir/<attribute>/adapter_config.json, adapter_model.safetensors   # plain PEFT prefix-tuning adapters
     dir/README.md                  model card (optional)
 
@@ -42,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from ..validation import check_number
 from ..version import __version__
 from .checkpoint_utils import atomic_directory_write, check_safetensors_files
 
@@ -59,6 +62,7 @@ __all__ = [
     "PROMPT_EMBEDDINGS",
     "START_TEXT",
     "START_TOKEN_ID",
+    "DEFAULT_STRENGTH",
     "AttributePrefixCheckpoint",
     "AttributePrefixLM",
     "HeldPrefixesMixin",
@@ -89,9 +93,16 @@ MODEL_CARD = "README.md"
 # the conditioning the prefixes were trained with: every text started with this token ("[eos] + text" officially)
 START_TEXT = "start_text"
 START_TOKEN_ID = "start_token_id"
+# the control strength the checkpoint's publisher evaluated and recommends (its card's headline row); optional
+DEFAULT_STRENGTH = "default_strength"
 
 # keys of the index the writer owns; callers add their own facts (e.g. ``start_text``) beside them
 _INDEX_KEYS = ("format", "attributes", "base_model", "num_virtual_tokens", "hf_collapse_version")
+
+
+def _check_default_strength(value: Any, where: str) -> None:
+    # JSON cannot hold NaN but a hand-edited index can hold anything: stop a bad value at the writer and the reader
+    check_number(where, DEFAULT_STRENGTH, value, minimum=0.0, allow_none=True)
 
 
 def validate_attribute_names(attributes: Sequence[str]) -> None:
@@ -353,7 +364,9 @@ def write_attribute_prefixes(
             does) as every folder's ``adapter_config.json``.
         base_model: the base model's name to record; by default ``peft_config.base_model_name_or_path``.
         model_card: written as ``README.md`` when given; without one an existing ``README.md`` is kept.
-        extra_index: more facts for ``attribute_prefixes.json`` (e.g. ``{"start_text": ...}``).
+        extra_index: more facts for ``attribute_prefixes.json`` (e.g. ``{"start_text": ...}``, or
+            ``{"default_strength": 60.0}``, the control strength the checkpoint was evaluated at, which
+            ``AttributePrefixModel.default_strength`` and ``hf-collapse generate`` use when none is given).
 
     Returns:
         The checkpoint folder.
@@ -379,6 +392,7 @@ def write_attribute_prefixes(
     clash = sorted(set(extra_index or {}) & set(_INDEX_KEYS))
     if clash:
         raise ValueError(f"extra_index may not set the index's own keys {clash}")
+    _check_default_strength((extra_index or {}).get(DEFAULT_STRENGTH), "extra_index")
 
     cfg = copy.deepcopy(peft_config)
     cfg.inference_mode = True  # what PEFT itself saves: the materialised prefix, no MLP
@@ -620,6 +634,7 @@ def read_attribute_prefixes(checkpoint_dir: str | os.PathLike) -> AttributePrefi
     start_id = index.get(START_TOKEN_ID)
     if start_id is not None and (isinstance(start_id, bool) or not isinstance(start_id, int) or start_id < 0):
         raise ValueError(f"{index_path}: {START_TOKEN_ID} must be a token id (int >= 0), got {start_id!r}")
+    _check_default_strength(index.get(DEFAULT_STRENGTH), str(index_path))
     if index.get("num_virtual_tokens", shape.num_virtual_tokens) != shape.num_virtual_tokens:
         raise ValueError(
             f"{index_path}: num_virtual_tokens {index['num_virtual_tokens']} but the adapters have "

@@ -24,12 +24,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-# the concept (format, geometry, prefixed forward) lives in modeling; CHECKPOINT_INDEX and the geometry helpers are
-# re-exported because code imported them from this module before they moved
 from ..modeling.attribute_prefixes import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_INDEX,
+    DEFAULT_STRENGTH,
     HeldPrefixesMixin,
     PrefixShape,
     flat_prefix_to_layers,
@@ -40,6 +39,10 @@ from ..modeling.attribute_prefixes import (
     read_attribute_prefixes,
     resolve_start_token_id,
 )
+
+# the concept (format, geometry, prefixed forward) lives in modeling; CHECKPOINT_INDEX and the geometry helpers are
+# re-exported because code imported them from this module before they moved
+from ..validation import check_number
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -94,6 +97,8 @@ class AttributePrefixModel(HeldPrefixesMixin, nn.Module):
             checkpoint; the official recipe trains on ``[eos] + text``). The model puts it between each prefix and
             every prompt itself, so prompts are conditioned the way training saw them whatever the caller passes;
             a prompt that already starts with it is not given a second one.
+        default_strength: the control strength the checkpoint's publisher evaluated (``default_strength`` in
+            ``attribute_prefixes.json``), or ``None``; a suggestion for callers, never applied implicitly.
     """
 
     def __init__(
@@ -102,8 +107,11 @@ class AttributePrefixModel(HeldPrefixesMixin, nn.Module):
         prefixes: Mapping[str, torch.Tensor],
         shape: PrefixShape,
         start_token_id: int | None = None,
+        default_strength: float | None = None,
     ):
         super().__init__()
+        self.default_strength = check_number("AttributePrefixModel", "default_strength", default_strength,
+                                             minimum=0.0, allow_none=True)  # fmt: skip
         self.base_model = base_model
         self.base_model.requires_grad_(False).eval()
         self._hold_prefixes(base_model, prefixes, shape, start_token_id)
@@ -122,14 +130,16 @@ class AttributePrefixModel(HeldPrefixesMixin, nn.Module):
 
         ``base_model`` is a loaded causal LM, or a name/path passed to ``AutoModelForCausalLM.from_pretrained``.
         The start token the prefixes were trained with is applied from the checkpoint's index; ``tokenizer`` is
-        only needed for checkpoints that record it as text alone.
+        only needed for checkpoints that record it as text alone. The index's ``default_strength``, when present,
+        becomes :attr:`default_strength`.
         """
         # read (and validate) the checkpoint before the possibly slow base model load
         ckpt = read_attribute_prefixes(checkpoint_dir)
         start_id = resolve_start_token_id(ckpt.index, tokenizer, checkpoint_dir)
         if isinstance(base_model, str):
             base_model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
-        return cls(base_model, ckpt.prefixes, ckpt.shape, start_token_id=start_id)
+        return cls(base_model, ckpt.prefixes, ckpt.shape, start_token_id=start_id,
+                   default_strength=ckpt.index.get(DEFAULT_STRENGTH))  # fmt: skip
 
     # ------------------------------------------------------------------ properties
     @property

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..validation import check_number
 from .fashion_mnist import FASHION_MNIST_DIR
+from .generate import PAPER_STRENGTH
 from .utils import CHECKPOINTS_ENV, CommandError, checkpoints_dir, parse_args
 
 SECTIONS = ("air", "mamba", "dhkd")
@@ -29,15 +30,14 @@ class AirDemoTask:
 
     checkpoint: str
     targets: tuple[str, ...]  # steered toward; detox shows only the direction a user wants
-    strength: float  # the strength the checkpoint's card evaluates (docs/air_decoding.md)
     prompts: str
 
 
 AIR_TASKS = {
-    "sentiment": AirDemoTask("smollm2-135m-sentiment-prefixes", ("positive", "negative"), 140.0, "The movie|The book"),
-    "topic": AirDemoTask("smollm2-135m-topic-prefixes", ("world", "sports", "business", "science"), 60.0,
+    "sentiment": AirDemoTask("smollm2-135m-sentiment-prefixes", ("positive", "negative"), "The movie|The book"),
+    "topic": AirDemoTask("smollm2-135m-topic-prefixes", ("world", "sports", "business", "science"),
                          "In summary|This essay discusses"),
-    "detox": AirDemoTask("smollm2-135m-detox-prefixes", ("nontoxic",), 120.0,
+    "detox": AirDemoTask("smollm2-135m-detox-prefixes", ("nontoxic",),
                          "He looked at me and said|The comments under the video called him a"),
 }  # fmt: skip
 
@@ -61,8 +61,8 @@ class DemoScriptArguments:
     )
     strength: float | None = field(
         default=None,
-        metadata={"help": "Air-Decoding control strength lambda (default: the strength the task's checkpoint card "
-                  "evaluates: sentiment 140, topic 60, detox 120)."},
+        metadata={"help": "Air-Decoding control strength lambda (default: the checkpoint's `default_strength`, the "
+                  "strength its card evaluates: sentiment 140, topic 60, detox 120)."},
     )  # fmt: skip
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per continuation."})
     mamba_tokens: int = field(default=8192, metadata={"help": "Length of the long input of the Mamba-2 section."})
@@ -127,9 +127,11 @@ def section_air(a: DemoScriptArguments, ckpt: Path) -> None:
             judge = load_judge(judge_dir, labels=task.targets)
         except (FileNotFoundError, ValueError) as e:
             raise CommandError(f"--judge: {e}") from e
-    strength = task.strength if a.strength is None else a.strength
     model, tok = load_smollm2()
     attr = AttributePrefixModel.from_pretrained(model, prefixes)
+    strength = a.strength
+    if strength is None:
+        strength = PAPER_STRENGTH if attr.default_strength is None else attr.default_strength
     # the base LM reads the prompt the way the prefixes were trained (after the start text); the prefix model
     # holds the start token in its cache and hides the prompt's own copy
     start = json.loads((prefixes / "attribute_prefixes.json").read_text()).get("start_text", "")

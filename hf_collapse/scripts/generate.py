@@ -1,10 +1,11 @@
 """`hf-collapse generate`: sample text steered toward an attribute with Air-Decoding (or weighted decoding).
 
-    hf-collapse generate --model M --prefixes prefixes --attribute positive --strength 140 --num_samples 5 "The movie"
+    hf-collapse generate --model M --prefixes prefixes --attribute positive --num_samples 5 "The movie"
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from .utils import CommandError, parse_args
 __all__ = ["GenerateScriptArguments", "main", "METHODS"]
 
 METHODS = ("air", "weighted")
+PAPER_STRENGTH = 140.0  # the official sentiment strength, for checkpoints that record none
 
 
 @dataclass
@@ -23,7 +25,11 @@ class GenerateScriptArguments:
     model: str = field(metadata={"help": "Generating causal LM (name or path)."})
     prefixes: str = field(metadata={"help": "Attribute-prefix checkpoint directory (from train-prefixes)."})
     attribute: str = field(metadata={"help": "Target attribute."})
-    strength: float = field(default=140.0, metadata={"help": "Control strength lambda (>= 0)."})
+    strength: float | None = field(
+        default=None,
+        metadata={"help": "Control strength lambda (>= 0). Default: the checkpoint's `default_strength` (the strength "
+                  "its card evaluates), else 140 (the paper's sentiment strength)."},
+    )  # fmt: skip
     num_samples: int = field(default=5, metadata={"help": "Samples per prompt."})
     max_new_tokens: int = field(default=50, metadata={"help": "Tokens to generate."})
     top_k: int = field(default=200, metadata={"help": "Top-k sampling after the processor (official: 200)."})
@@ -35,7 +41,7 @@ class GenerateScriptArguments:
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
     def __post_init__(self) -> None:
-        check_number("--", "strength", self.strength, minimum=0.0)
+        check_number("--", "strength", self.strength, minimum=0.0, allow_none=True)
         check_number("--", "num_samples", self.num_samples, integer=True, minimum=1)
         check_number("--", "max_new_tokens", self.max_new_tokens, integer=True, minimum=1)
         check_number("--", "top_k", self.top_k, integer=True, minimum=0)
@@ -70,10 +76,17 @@ def main(argv: Sequence[str]) -> int:
     if args.attribute not in attr.attributes:
         raise CommandError(f"unknown --attribute {args.attribute!r}; {args.prefixes} has {attr.attributes}")
     cls = AirDecodingLogitsProcessor if args.method == "air" else WeightedDecodingLogitsProcessor
+    strength = args.strength
+    if strength is None:
+        if attr.default_strength is None:
+            strength, source = PAPER_STRENGTH, "the checkpoint records no default_strength: the paper's sentiment one"
+        else:
+            strength, source = attr.default_strength, "the checkpoint's default_strength"
+        print(f"--strength not given: lambda = {strength:g} ({source})", file=sys.stderr)
     torch.manual_seed(args.seed)
     for prompt in prompts:
         enc = tok([prompt], return_tensors="pt")
-        proc = cls(attr, args.attribute, args.strength, prompt_attention_mask=enc["attention_mask"],
+        proc = cls(attr, args.attribute, strength, prompt_attention_mask=enc["attention_mask"],
                    normalize=args.normalize)  # fmt: skip
         out = model.generate(
             **enc,
