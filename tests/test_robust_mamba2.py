@@ -157,6 +157,20 @@ def test_mitigation_matches_reference_in_all_modes(name):
         assert (logits - expected).abs().max() < TOL, (name, mode)
 
 
+@pytest.mark.parametrize("name", ["none", "state_norm_max-per-head", "decay_scale-per-head+sliding_window"])
+def test_chained_quadratic_pieces_match_reference_in_all_modes(name):
+    """Segments longer than a quadratic piece (here 8 tokens, so T=37 makes 5 pieces) are scanned as pieces chained
+    through the state; every mode still equals the float64 recurrence."""
+    model = _robust(**MITIGATIONS.get(name, {}))
+    kernels = dataclasses.replace(resolve_kernels(), quadratic_max=8)
+    for block in model.backbone.layers:
+        block.mixer.kernel_functions = kernels
+    ids = _ids()
+    expected = reference_logits(model, ids).float()
+    for mode, logits in _all_modes(model, ids).items():
+        assert (logits - expected).abs().max() < TOL, (name, mode)
+
+
 @pytest.mark.parametrize("name", ["state_norm_max", "scales+sliding_window", "decay_scale-per-head+sliding_window"])
 def test_decoding_through_transformers_kernel_functions(name):
     """On GPU decoding goes through mamba2_selective_state_update / causal_conv1d_update; same result on CPU."""
@@ -416,10 +430,12 @@ def test_training_backward_through_segments_and_mitigations():
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("piece", [None, 16])
 @pytest.mark.parametrize("mitigations", [{}, {"state_norm_max": 5.0, "state_norm_every": 8}])
-def test_quadratic_training_path_matches_the_chunk_scan(mitigations, monkeypatch):
-    """Short-sequence training through the quadratic scan: same loss and gradients as transformers' chunk scan, and
-    transformers' Mamba2 (without mitigations) sees the same loss."""
+def test_quadratic_training_path_matches_the_chunk_scan(mitigations, piece, monkeypatch):
+    """Training through the quadratic scan: same loss and gradients as transformers' chunk scan, and transformers'
+    Mamba2 (without mitigations) sees the same loss. With ``piece=16`` the 40-token sequences are longer than a
+    quadratic piece, so they are scanned as pieces chained through the state."""
     import hf_collapse.modeling.robust_mamba2.modeling_robust_mamba2 as modeling
 
     calls = []
@@ -428,10 +444,10 @@ def test_quadratic_training_path_matches_the_chunk_scan(mitigations, monkeypatch
 
     def loss_and_grads(quadratic: bool):
         model = _robust(**mitigations).train()
-        if not quadratic:
-            chunk_only = dataclasses.replace(resolve_kernels(), quadratic_max=0)
+        if not quadratic or piece is not None:
+            kernels = dataclasses.replace(resolve_kernels(), quadratic_max=piece if quadratic else 0)
             for block in model.backbone.layers:
-                block.mixer.kernel_functions = chunk_only
+                block.mixer.kernel_functions = kernels
         ids = _ids(length=40)
         loss = model(ids, labels=ids).loss
         loss.backward()
@@ -440,7 +456,9 @@ def test_quadratic_training_path_matches_the_chunk_scan(mitigations, monkeypatch
     loss_c, grads_c = loss_and_grads(False)
     assert not calls
     loss_q, grads_q = loss_and_grads(True)
-    assert calls and max(calls) <= resolve_kernels().quadratic_max  # the quadratic form ran
+    assert calls and max(calls) <= (piece or resolve_kernels().quadratic_max)  # the quadratic form ran
+    if piece is not None and not mitigations:
+        assert calls.count(16) >= 2 * len(calls) // 3  # 16 + 16 + 8 per layer: chained pieces
     assert abs(loss_q.item() - loss_c.item()) < 1e-5
     for gq, gc in zip(grads_q, grads_c):
         torch.testing.assert_close(gq, gc, rtol=1e-3, atol=1e-4)

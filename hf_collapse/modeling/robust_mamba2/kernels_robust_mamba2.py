@@ -38,8 +38,9 @@ __all__ = [
 # short chunk is faster on CPU (measured: 64 is ~2x faster than 256 at 4K tokens for mamba2-130m shapes); the result
 # is the same up to rounding
 TORCH_SCAN_CHUNK = 64
-# up to this many tokens a segment is scanned in the quadratic (attention-like) form, where only PyTorch runs: one
-# (l × l) matrix per head beats the chunk scan's per-chunk passes and state hand-offs, forward and backward
+# where only PyTorch runs, segments are scanned in the quadratic (attention-like) form, in pieces of at most this many
+# tokens chained through the state: one (l × l) matrix per head beats the chunk scan's per-chunk passes and state
+# hand-offs, forward and backward, while memory stays bounded by the piece
 QUADRATIC_SCAN_MAX = 256
 
 
@@ -135,7 +136,8 @@ def quadratic_scan(
 
     Returns:
         y (b, l, h, p) in the dtype of ``x`` and the final state (b, h, p, n) float32, as ``mamba2_chunk_scan``
-        returns them. Memory grows with l², so it is meant for segments of at most ``QUADRATIC_SCAN_MAX`` tokens.
+        returns them. Memory grows with l², so longer segments are scanned as chained pieces of at most
+        ``QUADRATIC_SCAN_MAX`` tokens (the mixer's ``_scan``).
     """
     b, seq_len, heads, head_dim = x.shape
     groups, n = B.shape[2], B.shape[3]
@@ -197,8 +199,9 @@ class Mamba2Kernels:
     * ``torch_scan``: ``chunk_scan`` is the PyTorch reference and is called with a chunk of at most
       ``TORCH_SCAN_CHUNK``.
     * ``cpu_steps``: ``ssm_update`` is ``ssm_update_cpu`` (the PyTorch fallbacks are in use for decoding).
-    * ``quadratic_max``: segments of at most this many tokens go through ``quadratic_scan`` instead of
-      ``chunk_scan`` (0: never; ``QUADRATIC_SCAN_MAX`` where the chunk scan is the PyTorch reference).
+    * ``quadratic_max``: segments go through ``quadratic_scan`` instead of ``chunk_scan``, in pieces of at most this
+      many tokens chained through the state (0: never; ``QUADRATIC_SCAN_MAX`` where the chunk scan is the PyTorch
+      reference).
     """
 
     chunk_scan: Callable

@@ -208,9 +208,21 @@ class RobustMamba2Mixer(Mamba2Mixer):
     def _scan(self, x, delta, A, B, C, initial_states):
         """One scan call. x (b,l,h,p), delta (b,l,h), B, C (b,l,g,n) -> y (b,l,h,p), final state (b,h,p,n).
 
-        Short segments without a fused kernel take the exact quadratic form (faster to train on CPU)."""
-        if x.shape[1] <= self.kernel_functions.quadratic_max:
-            return quadratic_scan(x, delta, A, B, C, self.D, initial_states)
+        Without a fused kernel the exact quadratic form runs instead, on pieces of at most ``quadratic_max`` tokens
+        chained through the state: on CPU it beat the PyTorch chunk scan 5x per training step at 1024 tokens (large
+        state) and also at prefill (130m shape), since the chunk scan's per-chunk passes and state hand-offs cost
+        more than one (l x l) matrix per head."""
+        piece = self.kernel_functions.quadratic_max
+        if piece:
+            if x.shape[1] <= piece:
+                return quadratic_scan(x, delta, A, B, C, self.D, initial_states)
+            ys, state = [], initial_states
+            for start in range(0, x.shape[1], piece):
+                end = start + piece
+                y, state = quadratic_scan(x[:, start:end], delta[:, start:end], A, B[:, start:end], C[:, start:end],
+                                          self.D, state)  # fmt: skip
+                ys.append(y)
+            return torch.cat(ys, 1), state
         return self.kernel_functions.chunk_scan(
             x,
             delta,
