@@ -24,7 +24,9 @@ evaluated the same way, calibrated on their own training text:
     python examples/state_collapse/emergent_eval.py --runs runs/imposed/s0 runs/imposed/s1 --length 16384 \
         --sequences 8 --calibrate_on speeches --out examples/state_collapse/imposed
 
-Writes `<out>/emergent_eval.json`, `emergent_eval.md`, `emergent_loss.png` and `emergent_state_norms.png`.
+Writes `<out>/emergent_eval_<run>.json` per run (`--reuse` skips a run already evaluated with the same settings),
+and for all `--runs` together `emergent_eval.json`, `emergent_eval.md`, `emergent_loss.png` and
+`emergent_state_norms.png`.
 """
 
 from __future__ import annotations
@@ -99,8 +101,20 @@ def bucket_table(stream: torch.Tensor, reset: torch.Tensor) -> list[dict]:
         # the absolute streamed loss, so that models trained at different lengths compare on the same tokens
         sm, sh = t_interval([float(s[i].mean()) for i in range(stream.shape[0])])
         rows.append({"positions": f"{lo}K-{hi}K", "stream": sm, "stream_ci": sh, "reset": float(r[ok].mean()),
-                     "diff": m, "diff_ci": h})  # fmt: skip
+                     "diff": m, "diff_ci": h,
+                     "stream_per_seq": [float(s[i].mean()) for i in range(s.shape[0])]})  # fmt: skip
     return rows
+
+
+def add_paired_vs_none(variants: dict) -> None:
+    """Per mitigation and bucket: mitigated minus unmitigated streamed loss, paired over the same sequences."""
+    none = variants["none"]["buckets"]
+    for name, v in variants.items():
+        if name == "none":
+            continue
+        for b, b0 in zip(v["buckets"], none):
+            paired = [x - y for x, y in zip(b["stream_per_seq"], b0["stream_per_seq"])]
+            b["vs_none"], b["vs_none_ci"] = t_interval(paired)
 
 
 def main() -> None:
@@ -112,6 +126,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=256)
     p.add_argument("--calibration_windows", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse <out>/emergent_eval_<run>.json of a run evaluated with the same settings")
     p.add_argument("--calibrate_on", choices=["corpus", "speeches"], default="corpus",
                    help="training text the calibration windows come from: this experiment's training corpus, or "
                         "only the speeches (for run_experiment.py's imposed-heads models, which never saw the rest)")
@@ -135,7 +151,16 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    settings = {k: getattr(a, k) for k in ("length", "sequences", "windows", "calibration_windows", "calibrate_on")}
     for run in map(Path, a.runs):
+        # one file per run, so that adding a run does not re-evaluate the others (about an hour each on one thread)
+        cached = out / f"emergent_eval_{run.name}.json"
+        if a.reuse and cached.is_file():
+            res = json.loads(cached.read_text())
+            if res.get("settings") == settings:
+                print(run.name, "reused from", cached, flush=True)
+                results[run.name] = res
+                continue
         args = json.loads((run / "run_args.json").read_text())
         T = args["train_length"]
         rng = np.random.default_rng(0)
@@ -148,7 +173,7 @@ def main() -> None:
                                       "state_norm_every": 16}  # fmt: skip
         variants["decay_scale"] = {"decay_scale": calibrate_decay_scales(base, calib)}
         variants["sliding_window"] = {"sliding_window": T}
-        res = {"train_length": T, "variants": {}}
+        res = {"train_length": T, "settings": settings, "variants": {}}
         with torch.no_grad():
             logits = base(windows).logits.float()
         per_window = F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").mean(1)
@@ -161,6 +186,10 @@ def main() -> None:
                                      "buckets": bucket_table(stream, reset), "state_norms": norms}  # fmt: skip
             print(run.name, name, [(b["positions"], round(b["diff"], 3)) for b in res["variants"][name]["buckets"]],
                   flush=True)  # fmt: skip
+        add_paired_vs_none(res["variants"])
+        tmp = cached.with_name(cached.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(cached)
         results[run.name] = res
     (out / "emergent_eval.json").write_text(json.dumps(results, indent=2))
     lines = []
@@ -178,6 +207,15 @@ def main() -> None:
         for name, v in res["variants"].items():
             lines.append(f"| {name} | " + " | ".join(f"{b['stream']:.3f} ± {b['stream_ci']:.3f}" for b in v["buckets"])
                          + " |")  # fmt: skip
+        if all("vs_none" in b for n, v in res["variants"].items() if n != "none" for b in v["buckets"]):
+            lines += ["", "Mitigated minus unmitigated streamed loss (nats/byte; paired over the same sequences, "
+                      "± 95% t-interval):", "",
+                      "| mitigation | " + " | ".join(b["positions"] for b in res["variants"]["none"]["buckets"]) + " |",
+                      "|---|" + "---|" * len(res["variants"]["none"]["buckets"])]  # fmt: skip
+            for name, v in res["variants"].items():
+                if name != "none":
+                    cells = [f"{b['vs_none']:+.4f} ± {b['vs_none_ci']:.4f}" for b in v["buckets"]]
+                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "Streamed loss minus the same tokens' loss with the state reset every T_train (nats/byte; mean over "
     text += f"{a.sequences} held-out sequences ± 95% t-interval)\n\n" + "\n".join(lines)
