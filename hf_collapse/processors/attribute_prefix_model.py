@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+# the concept (format, geometry, prefixed forward) lives in modeling; CHECKPOINT_INDEX and the geometry helpers are
+# re-exported because code imported them from this module before they moved
 from ..modeling.attribute_prefixes import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -39,9 +41,6 @@ from ..modeling.attribute_prefixes import (
     read_attribute_prefixes,
     resolve_start_token_id,
 )
-
-# the concept (format, geometry, prefixed forward) lives in modeling; CHECKPOINT_INDEX and the geometry helpers are
-# re-exported because code imported them from this module before they moved
 from ..validation import check_number
 
 __all__ = [

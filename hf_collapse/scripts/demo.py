@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..validation import check_number
 from .fashion_mnist import FASHION_MNIST_DIR
-from .generate import PAPER_STRENGTH
+from .generate import resolve_strength
 from .utils import CHECKPOINTS_ENV, CommandError, checkpoints_dir, parse_args
 
 SECTIONS = ("air", "mamba", "dhkd")
@@ -129,9 +129,7 @@ def section_air(a: DemoScriptArguments, ckpt: Path) -> None:
             raise CommandError(f"--judge: {e}") from e
     model, tok = load_smollm2()
     attr = AttributePrefixModel.from_pretrained(model, prefixes)
-    strength = a.strength
-    if strength is None:
-        strength = PAPER_STRENGTH if attr.default_strength is None else attr.default_strength
+    strength = resolve_strength(a.strength, attr.default_strength)
     # the base LM reads the prompt the way the prefixes were trained (after the start text); the prefix model
     # holds the start token in its cache and hides the prompt's own copy
     start = json.loads((prefixes / "attribute_prefixes.json").read_text()).get("start_text", "")

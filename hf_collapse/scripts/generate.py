@@ -12,10 +12,23 @@ from dataclasses import dataclass, field
 from ..validation import check_number
 from .utils import CommandError, parse_args
 
-__all__ = ["GenerateScriptArguments", "main", "METHODS"]
+__all__ = ["GenerateScriptArguments", "main", "METHODS", "PAPER_STRENGTH", "resolve_strength"]
 
 METHODS = ("air", "weighted")
 PAPER_STRENGTH = 140.0  # the official sentiment strength, for checkpoints that record none
+
+
+def resolve_strength(given: float | None, default_strength: float | None) -> float:
+    """The control strength to steer with: ``given`` (``--strength``) if set, else the checkpoint's
+    ``default_strength``, else ``PAPER_STRENGTH``; says on stderr which one was taken when none was given."""
+    if given is not None:
+        return given
+    if default_strength is None:
+        strength, source = PAPER_STRENGTH, "the checkpoint records no default_strength: the paper's sentiment one"
+    else:
+        strength, source = default_strength, "the checkpoint's default_strength"
+    print(f"--strength not given: lambda = {strength:g} ({source})", file=sys.stderr)
+    return strength
 
 
 @dataclass
@@ -76,13 +89,7 @@ def main(argv: Sequence[str]) -> int:
     if args.attribute not in attr.attributes:
         raise CommandError(f"unknown --attribute {args.attribute!r}; {args.prefixes} has {attr.attributes}")
     cls = AirDecodingLogitsProcessor if args.method == "air" else WeightedDecodingLogitsProcessor
-    strength = args.strength
-    if strength is None:
-        if attr.default_strength is None:
-            strength, source = PAPER_STRENGTH, "the checkpoint records no default_strength: the paper's sentiment one"
-        else:
-            strength, source = attr.default_strength, "the checkpoint's default_strength"
-        print(f"--strength not given: lambda = {strength:g} ({source})", file=sys.stderr)
+    strength = resolve_strength(args.strength, attr.default_strength)
     torch.manual_seed(args.seed)
     for prompt in prompts:
         enc = tok([prompt], return_tensors="pt")

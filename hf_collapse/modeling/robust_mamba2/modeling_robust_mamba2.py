@@ -209,7 +209,7 @@ class RobustMamba2Mixer(Mamba2Mixer):
         """One scan call. x (b,l,h,p), delta (b,l,h), B, C (b,l,g,n) -> y (b,l,h,p), final state (b,h,p,n).
 
         Without a fused kernel the exact quadratic form runs instead, on pieces of at most ``quadratic_max`` tokens
-        chained through the state: on CPU it beat the PyTorch chunk scan 5x per training step at 1024 tokens (large
+        chained through the state: on CPU it beat the PyTorch chunk scan 4.6x per training step at 1024 tokens (large
         state) and also at prefill (130m shape), since the chunk scan's per-chunk passes and state hand-offs cost
         more than one (l x l) matrix per head."""
         piece = self.kernel_functions.quadratic_max
