@@ -99,11 +99,18 @@ def bucket_table(stream: torch.Tensor, reset: torch.Tensor) -> list[dict]:
         per_seq = [float(s[i][ok[i]].mean() - r[i][ok[i]].mean()) for i in range(stream.shape[0])]
         m, h = t_interval(per_seq)
         # the absolute streamed loss, so that models trained at different lengths compare on the same tokens
-        sm, sh = t_interval([float(s[i].mean()) for i in range(stream.shape[0])])
+        stream_per_seq = s.mean(1).tolist()
+        sm, sh = t_interval(stream_per_seq)
         rows.append({"positions": f"{lo}K-{hi}K", "stream": sm, "stream_ci": sh, "reset": float(r[ok].mean()),
-                     "diff": m, "diff_ci": h,
-                     "stream_per_seq": [float(s[i].mean()) for i in range(s.shape[0])]})  # fmt: skip
+                     "diff": m, "diff_ci": h, "stream_per_seq": stream_per_seq})  # fmt: skip
     return rows
+
+
+def table(variants: dict, title: list[str], cell, names) -> list[str]:
+    """Markdown lines: ``title``, then one row per variant in ``names`` with ``cell(bucket)`` per position range."""
+    positions = [b["positions"] for b in variants["none"]["buckets"]]
+    rows = [f"| {n} | " + " | ".join(cell(b) for b in variants[n]["buckets"]) + " |" for n in names]
+    return [*title, "| mitigation | " + " | ".join(positions) + " |", "|---|" + "---|" * len(positions), *rows]
 
 
 def add_paired_vs_none(variants: dict) -> None:
@@ -194,28 +201,18 @@ def main() -> None:
     (out / "emergent_eval.json").write_text(json.dumps(results, indent=2))
     lines = []
     for run, res in results.items():
-        lines += [f"### {run} (T_train = {res['train_length']}; in-window loss over {a.windows} held-out windows: "
-                  f"{res['in_window_loss']:.3f} ± {res['in_window_ci']:.3f} nats/byte)", "",
-                  "| mitigation | " + " | ".join(b["positions"] for b in res["variants"]["none"]["buckets"]) + " |",
-                  "|---|" + "---|" * len(res["variants"]["none"]["buckets"])]  # fmt: skip
-        for name, v in res["variants"].items():
-            cells = [f"{b['diff']:+.3f} ± {b['diff_ci']:.3f}" for b in v["buckets"]]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "Absolute streamed loss (nats/byte; mean over sequences ± 95% t-interval):", "",
-                  "| mitigation | " + " | ".join(b["positions"] for b in res["variants"]["none"]["buckets"]) + " |",
-                  "|---|" + "---|" * len(res["variants"]["none"]["buckets"])]  # fmt: skip
-        for name, v in res["variants"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{b['stream']:.3f} ± {b['stream_ci']:.3f}" for b in v["buckets"])
-                         + " |")  # fmt: skip
-        if all("vs_none" in b for n, v in res["variants"].items() if n != "none" for b in v["buckets"]):
-            lines += ["", "Mitigated minus unmitigated streamed loss (nats/byte; paired over the same sequences, "
-                      "± 95% t-interval):", "",
-                      "| mitigation | " + " | ".join(b["positions"] for b in res["variants"]["none"]["buckets"]) + " |",
-                      "|---|" + "---|" * len(res["variants"]["none"]["buckets"])]  # fmt: skip
-            for name, v in res["variants"].items():
-                if name != "none":
-                    cells = [f"{b['vs_none']:+.4f} ± {b['vs_none_ci']:.4f}" for b in v["buckets"]]
-                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        variants = res["variants"]
+        heading = (f"### {run} (T_train = {res['train_length']}; in-window loss over {a.windows} held-out windows: "
+                   f"{res['in_window_loss']:.3f} ± {res['in_window_ci']:.3f} nats/byte)")
+        lines += table(variants, [heading, ""], lambda b: f"{b['diff']:+.3f} ± {b['diff_ci']:.3f}", variants)
+        absolute = "Absolute streamed loss (nats/byte; mean over sequences ± 95% t-interval):"
+        lines += table(variants, ["", absolute, ""], lambda b: f"{b['stream']:.3f} ± {b['stream_ci']:.3f}", variants)
+        mitigations = [n for n in variants if n != "none"]
+        if all("vs_none" in b for n in mitigations for b in variants[n]["buckets"]):  # not in older result files
+            paired = ("Mitigated minus unmitigated streamed loss (nats/byte; paired over the same sequences, "
+                      "± 95% t-interval):")
+            lines += table(variants, ["", paired, ""], lambda b: f"{b['vs_none']:+.4f} ± {b['vs_none_ci']:.4f}",
+                           mitigations)  # fmt: skip
         lines.append("")
     text = "Streamed loss minus the same tokens' loss with the state reset every T_train (nats/byte; mean over "
     text += f"{a.sequences} held-out sequences ± 95% t-interval)\n\n" + "\n".join(lines)
