@@ -168,6 +168,10 @@ def main() -> None:
                 print(run.name, "reused from", cached, flush=True)
                 results[run.name] = res
                 continue
+            print(run.name, f"{cached} has other settings ({res.get('settings')}): evaluating again", flush=True)
+        if not (run / "run_args.json").is_file():
+            raise SystemExit(f"{run}: no run_args.json, and no reusable {cached} (--reuse, same settings): restore "
+                             "the run (examples/unfinished_runs/README.md) or leave it out of --runs")
         args = json.loads((run / "run_args.json").read_text())
         T = args["train_length"]
         rng = np.random.default_rng(0)
