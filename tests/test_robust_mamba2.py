@@ -438,9 +438,15 @@ def test_quadratic_training_path_matches_the_chunk_scan(mitigations, piece, monk
     quadratic piece, so they are scanned as pieces chained through the state."""
     import hf_collapse.modeling.robust_mamba2.modeling_robust_mamba2 as modeling
 
-    calls = []
+    calls, final_states = [], []
     real = modeling.quadratic_scan
-    monkeypatch.setattr(modeling, "quadratic_scan", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+
+    def spy(*a, **k):
+        calls.append(a[0].shape[1])
+        final_states.append(k.get("return_final_state", True))
+        return real(*a, **k)
+
+    monkeypatch.setattr(modeling, "quadratic_scan", spy)
 
     def loss_and_grads(quadratic: bool):
         model = _robust(**mitigations).train()
@@ -459,6 +465,9 @@ def test_quadratic_training_path_matches_the_chunk_scan(mitigations, piece, monk
     assert calls and max(calls) <= (piece or resolve_kernels().quadratic_max)  # the quadratic form ran
     if piece is not None and not mitigations:
         assert calls.count(16) >= 2 * len(calls) // 3  # 16 + 16 + 8 per layer: chained pieces
+    if not mitigations:  # no cache: each layer's last piece skips the final state, the chained ones keep theirs
+        n_layers = len(final_states) // (3 if piece else 1)
+        assert final_states.count(False) == n_layers and final_states.count(True) == len(final_states) - n_layers
     assert abs(loss_q.item() - loss_c.item()) < 1e-5
     for gq, gc in zip(grads_q, grads_c):
         torch.testing.assert_close(gq, gc, rtol=1e-3, atol=1e-4)

@@ -351,6 +351,15 @@ def test_quadratic_scan_matches_the_recurrence(length, groups, initial):
     torch.testing.assert_close(state.double(), state_ref, **TOL)
 
 
+@pytest.mark.parametrize("initial", [True, False])
+def test_quadratic_scan_without_final_state_gives_the_same_outputs(initial):
+    """return_final_state=False (a training step without cache) skips only the state: outputs equal the recurrence."""
+    args = _scan_inputs(11, 2, seed=5, initial=initial)
+    y, state = quadratic_scan(*args, return_final_state=False)
+    assert state is None
+    torch.testing.assert_close(y.double(), _scan_loop(*args)[0], **TOL)
+
+
 @pytest.mark.parametrize("length", [5, 64, 130])
 def test_quadratic_scan_matches_transformers_chunk_scan_with_gradients(length):
     """Values and gradients (the training path) agree with transformers' PyTorch chunk scan."""

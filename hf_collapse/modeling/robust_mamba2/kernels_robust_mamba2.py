@@ -121,7 +121,8 @@ def quadratic_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     initial_states: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The SSD scan of one segment in its quadratic ("attention") form: exact, no chunking.
 
     With a_t = Δ_t·A and S_t = Σ_{s≤t} a_s (per head), the recurrence h_t = exp(a_t) h_{t-1} + Δ_t x_t B_tᵀ,
@@ -133,10 +134,12 @@ def quadratic_scan(
     Args:
         x: (b, l, h, p); dt: (b, l, h) Δ, already softplus-ed and clamped; A: (h,); B, C: (b, l, g, n); D: (h,);
         initial_states: (b, h, p, n) or None (zeros).
+        return_final_state: False skips h_l (returned as None): with a large state it is l·h·p·n multiply-adds,
+            more than the outputs cost when l is short, and a training step without cache never reads it.
 
     Returns:
-        y (b, l, h, p) in the dtype of ``x`` and the final state (b, h, p, n) float32, as ``mamba2_chunk_scan``
-        returns them. Memory grows with l², so longer segments are scanned as chained pieces of at most
+        y (b, l, h, p) in the dtype of ``x`` and the final state (b, h, p, n) float32 (or None), as
+        ``mamba2_chunk_scan`` returns them. Memory grows with l², so longer segments are scanned as chained pieces of at most
         ``QUADRATIC_SCAN_MAX`` tokens (the mixer's ``_scan``).
     """
     b, seq_len, heads, head_dim = x.shape
@@ -153,14 +156,17 @@ def quadratic_scan(
     scores = (decay.view(b, groups, rep, seq_len, seq_len) * CB[:, :, None]).view(b, heads, seq_len, seq_len)
     u = dtf[..., None] * xf  # (b, l, h, p): Δ·x
     y = torch.einsum("bhts,bshp->bthp", scores, u) + D.float()[:, None] * xf
-    to_end = (S[:, -1:] - S).exp()  # (b, l, h): exp(S_l − S_s)
-    w = (u * to_end[..., None]).reshape(b, seq_len, groups, rep * head_dim)
-    state = torch.einsum("bsgq,bsgn->bgqn", w, Bf).reshape(b, heads, head_dim, n)
+    state = None
+    if return_final_state:
+        to_end = (S[:, -1:] - S).exp()  # (b, l, h): exp(S_l − S_s)
+        w = (u * to_end[..., None]).reshape(b, seq_len, groups, rep * head_dim)
+        state = torch.einsum("bsgq,bsgn->bgqn", w, Bf).reshape(b, heads, head_dim, n)
     if initial_states is not None:
         h0 = initial_states.float()
         carried = torch.einsum("btgn,bgqn->btgq", Cf, h0.reshape(b, groups, rep * head_dim, n))
         y = y + carried.reshape(b, seq_len, heads, head_dim) * S.exp()[..., None]
-        state = state + St[:, :, -1].exp()[..., None, None] * h0
+        if state is not None:
+            state = state + St[:, :, -1].exp()[..., None, None] * h0
     return y.to(x.dtype), state
 
 

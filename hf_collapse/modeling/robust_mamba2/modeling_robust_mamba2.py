@@ -128,15 +128,21 @@ class RobustMamba2Mixer(Mamba2Mixer):
             # exactly transformers' path, with its fused conv + scan kernel (mamba_ssm installed)
             return super().forward(hidden_states, cache=None, attention_mask=attention_mask, **kwargs)
         if cache is None:
-            layer = RobustMamba2CacheLayer()  # throw-away state: one self-contained sequence
-        else:
-            layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
-            if not isinstance(layer, RobustMamba2CacheLayer):
-                layer = as_robust_cache(cache, self.config.num_hidden_layers).layers[self.layer_idx]
+            # one self-contained sequence (a training step): nothing reads the final state, and with a large state
+            # computing it (l·h·p·n multiply-adds) costs more than the scan's outputs at short lengths
+            layer = RobustMamba2CacheLayer()
+            return self._forward_with_state(hidden_states, layer, attention_mask, keep_state=False)
+        layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
+        if not isinstance(layer, RobustMamba2CacheLayer):
+            layer = as_robust_cache(cache, self.config.num_hidden_layers).layers[self.layer_idx]
         return self._forward_with_state(hidden_states, layer, attention_mask)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _forward_with_state(self, hidden_states, layer: RobustMamba2CacheLayer, attention_mask):
+    def _forward_with_state(
+        self, hidden_states, layer: RobustMamba2CacheLayer, attention_mask, keep_state: bool = True
+    ):
+        """The mixer on one segment, from and into ``layer``'s states. ``keep_state=False`` (a throw-away layer)
+        lets the scan skip the final state when nothing else needs it; the layer's states are then not updated."""
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
         kernels = self.kernel_functions
@@ -196,8 +202,9 @@ class RobustMamba2Mixer(Mamba2Mixer):
         if decode:
             y, ssm_state = self._decode_step(x, B, C, delta, A, ssm_state, layer, mit, t0 + 1)
         else:
-            y, ssm_state = self._scan_segment(x, B, C, delta, A, ssm_state, layer, mit, t0)
-        layer.set_states(new_conv_state, ssm_state)
+            y, ssm_state = self._scan_segment(x, B, C, delta, A, ssm_state, layer, mit, t0, keep_state)
+        if ssm_state is not None:
+            layer.set_states(new_conv_state, ssm_state)
         layer.seen_tokens = t0 + seq_len
 
         # 4. gated RMSNorm and output projection, as in transformers
@@ -205,8 +212,11 @@ class RobustMamba2Mixer(Mamba2Mixer):
         return self.out_proj(y.to(dtype))  # (b, l, d)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _scan(self, x, delta, A, B, C, initial_states):
+    def _scan(self, x, delta, A, B, C, initial_states, final_state: bool = True):
         """One scan call. x (b,l,h,p), delta (b,l,h), B, C (b,l,g,n) -> y (b,l,h,p), final state (b,h,p,n).
+
+        ``final_state=False`` lets the quadratic form skip the final state (returned as None); the chunk scan
+        always computes it.
 
         Without a fused kernel the exact quadratic form runs instead, on pieces of at most ``quadratic_max`` tokens
         chained through the state: on CPU it beat the PyTorch chunk scan 4.6x per training step at 1024 tokens (large
@@ -215,12 +225,12 @@ class RobustMamba2Mixer(Mamba2Mixer):
         piece = self.kernel_functions.quadratic_max
         if piece:
             if x.shape[1] <= piece:
-                return quadratic_scan(x, delta, A, B, C, self.D, initial_states)
+                return quadratic_scan(x, delta, A, B, C, self.D, initial_states, return_final_state=final_state)
             ys, state = [], initial_states
             for start in range(0, x.shape[1], piece):
                 end = start + piece
                 y, state = quadratic_scan(x[:, start:end], delta[:, start:end], A, B[:, start:end], C[:, start:end],
-                                          self.D, state)  # fmt: skip
+                                          self.D, state, return_final_state=final_state or end < x.shape[1])  # fmt: skip
                 ys.append(y)
             return torch.cat(ys, 1), state
         return self.kernel_functions.chunk_scan(
@@ -239,11 +249,12 @@ class RobustMamba2Mixer(Mamba2Mixer):
             return_final_states=True,
         )
 
-    def _scan_segment(self, x, B, C, delta, A, h, layer, mit, t0):
+    def _scan_segment(self, x, B, C, delta, A, h, layer, mit, t0, keep_state: bool = True):
         """Prefill or continuation of ``l`` tokens at positions t0+1..t0+l through the chunk scan.
 
         x (b, l, h·p), B and C (b, l, g·n), delta (b, l, h), A (h,), h (b, h, p, n) or None.
-        Returns y (b, l, h, p) and the state after the last token (b, h, p, n).
+        Returns y (b, l, h, p) and the state after the last token (b, h, p, n); without mitigations and with
+        ``keep_state=False`` the state may be None (skipped by the quadratic scan).
 
         Without ``state_norm_max`` / ``sliding_window`` this is one scan from the carried state. With them, the
         carried state changes outside the linear recurrence at multiples of the period, so the segment is cut there
@@ -260,9 +271,9 @@ class RobustMamba2Mixer(Mamba2Mixer):
         C4 = C.view(batch, seq_len, self.n_groups, N)
         period = mit.period
         if period is None:
-            y, h = self._scan(x4, delta, A, B4, C4, h)
+            y, h = self._scan(x4, delta, A, B4, C4, h, final_state=keep_state)
             # the scan's final state is a view into all its chunk states; keep only the state itself
-            return y, h.clone()
+            return y, (h.clone() if h is not None else None)
 
         pieces = period_pieces(t0, seq_len, period)
         full = [i for i, (a, e) in enumerate(pieces) if e - a == period]
