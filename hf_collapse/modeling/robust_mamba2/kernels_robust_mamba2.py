@@ -134,13 +134,13 @@ def quadratic_scan(
     Args:
         x: (b, l, h, p); dt: (b, l, h) Δ, already softplus-ed and clamped; A: (h,); B, C: (b, l, g, n); D: (h,);
         initial_states: (b, h, p, n) or None (zeros).
-        return_final_state: False skips h_l (returned as None): with a large state it is l·h·p·n multiply-adds,
-            more than the outputs cost when l is short, and a training step without cache never reads it.
+        return_final_state: False skips h_l (returned as None). It costs l·h·p·n multiply-adds, a sizeable part of
+            a short segment's scan when the state is large, and a training step without cache never reads it.
 
     Returns:
         y (b, l, h, p) in the dtype of ``x`` and the final state (b, h, p, n) float32 (or None), as
-        ``mamba2_chunk_scan`` returns them. Memory grows with l², so longer segments are scanned as chained pieces of at most
-        ``QUADRATIC_SCAN_MAX`` tokens (the mixer's ``_scan``).
+        ``mamba2_chunk_scan`` returns them. Memory grows with l², so longer segments are scanned as chained pieces
+        of at most ``QUADRATIC_SCAN_MAX`` tokens (the mixer's ``_scan``).
     """
     b, seq_len, heads, head_dim = x.shape
     groups, n = B.shape[2], B.shape[3]
