@@ -156,8 +156,10 @@ def stage_gate(task: str, a) -> None:
     (OUT / f"protocol_gate_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def stage_judge(task: str) -> None:
-    subprocess.run([sys.executable, str(HERE / "transformer_judges.py"), "--task", TASKS[task]["judge"]], check=True)
+def stage_judge(task: str, a) -> None:
+    cmd = [sys.executable, str(HERE / "transformer_judges.py"), "--task", TASKS[task]["judge"],
+           "--out", str(RUNS / "judges"), "--threads", str(a.threads), "--resume"]  # fmt: skip
+    subprocess.run(cmd, check=True)
 
 
 def stage_generate(task: str, data: Path, a) -> None:
@@ -510,7 +512,7 @@ def main() -> None:
     elif a.stage == "gate":
         stage_gate(a.task, a)
     elif a.stage == "judge":
-        stage_judge(a.task)
+        stage_judge(a.task, a)
     elif a.stage == "generate":
         stage_generate(a.task, data, a)
     elif a.stage == "collapse":

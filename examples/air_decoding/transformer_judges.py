@@ -12,9 +12,11 @@ This script uses data OUTSIDE the repository (../shared/data; see ../shared/data
 Before training, every held-out text is removed from the training texts by normalised match (lower case, letters and
 digits only), and the number removed is printed and stored.
 
-    python examples/air_decoding/transformer_judges.py --task sentiment
-    python examples/air_decoding/transformer_judges.py --task topic
-    python examples/air_decoding/transformer_judges.py --task toxicity
+    python examples/air_decoding/transformer_judges.py --task sentiment   # 20,000 seeded phrases, 1 epoch
+    python examples/air_decoding/transformer_judges.py --task topic       # 20,000 seeded texts, 1 epoch
+    python examples/air_decoding/transformer_judges.py --task toxicity    # all 7,987 texts, 2 epochs
+
+The defaults are the recipes of the recorded judges (`RECIPES`), so a rerun rebuilds the same judge (seeded).
 
 Each writes `runs/judges/<task>/` (a transformers checkpoint, safetensors, fp32, with `judge_result.json`: held-out
 accuracy, sizes, overlap removed), swapped in whole when finished. Training checkpoints go to
@@ -96,16 +98,28 @@ def encode(tok, texts: list[str], labels: list[int], max_length: int) -> list[di
             for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]  # fmt: skip
 
 
+# the recipes of the recorded judges (`protocol_judge_<task>.json`): (seeded training subset, epochs); None = all
+RECIPES: dict[str, tuple[int | None, float]] = {
+    "sentiment": (20_000, 1.0),
+    "topic": (20_000, 1.0),
+    "toxicity": (None, 2.0),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=["sentiment", "topic", "toxicity"])
     p.add_argument("--out", default="runs/judges")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=None, help="default: the task's recorded recipe (RECIPES)")
     p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--train_limit", type=int, default=None, help="use a seeded subset of this many training texts")
+    p.add_argument("--train_limit", type=int, default=None,
+                   help="use a seeded subset of this many training texts; default: the task's recorded recipe")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true")
     a = p.parse_args()
+    limit, epochs = RECIPES[a.task]
+    a.train_limit = limit if a.train_limit is None else a.train_limit
+    a.epochs = epochs if a.epochs is None else a.epochs
     torch.set_num_threads(a.threads)
 
     from transformers import (
@@ -160,7 +174,7 @@ def main() -> None:
     trainer.save_model(str(tmp))
     tok.save_pretrained(str(tmp))
     result = {"task": a.task, "held_out_accuracy": metrics["eval_accuracy"], "train_texts": len(tr_x),
-              "removed_overlap": removed, "held_out_texts": len(te_x), "epochs": a.epochs,
+              "removed_overlap": removed, "held_out_texts": len(te_x), "epochs": a.epochs, "train_limit": a.train_limit,
               "train_seconds": time.perf_counter() - t0, "encoder": "all-MiniLM-L6-v2"}  # fmt: skip
     (tmp / "judge_result.json").write_text(json.dumps(result, indent=2))
     if out.exists():  # an unfinished earlier folder (no judge_result.json): replace it whole
