@@ -26,7 +26,8 @@ START = "<|endoftext|>"
 START_ID = 0  # SmolLM2's <|endoftext|>
 DATASETS = {"sentiment": ["cornell-movie-review-data/rotten_tomatoes"], "topic": ["fancyzhx/ag_news"],
             "detox": ["google/jigsaw_toxicity_pred"],
-            "sentiment_plus": ["cornell-movie-review-data/rotten_tomatoes", "stanfordnlp/sst2"]}  # fmt: skip
+            "sentiment_plus": ["cornell-movie-review-data/rotten_tomatoes", "stanfordnlp/sst2"],
+            "topic_plus": ["fancyzhx/ag_news"]}  # fmt: skip
 STRENGTH = {"sentiment": 140.0, "topic": 60.0, "detox": 120.0}  # official; index: default_strength
 GATE_SET = {"sentiment": "SST-2 test (the GLUE dev sentences)", "topic": "AG News test",
             "detox": "the held-out Jigsaw fifth"}  # fmt: skip

@@ -68,6 +68,8 @@ TASKS = {
 }  # fmt: skip
 # the sentiment task with SST-2 training phrases added (prefix_data.py): same prompts, judge and held-out sets
 TASKS["sentiment_plus"] = dict(TASKS["sentiment"])
+# the topic task with AG News descriptions added (prefix_data.py): the gate's text format; same prompts, judge, sets
+TASKS["topic_plus"] = dict(TASKS["topic"])
 
 
 def run_name(task: str, a) -> str:
