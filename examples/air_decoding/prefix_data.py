@@ -61,22 +61,32 @@ def sentiment() -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
     return kept, gate, {"source": len(rows), "removed_in_sst2_held_out": len(rows) - len(kept)}
 
 
+def added_texts(
+    rows: list[tuple[str, str]], held_out: list[str], already: list[str], inside: bool
+) -> tuple[list[tuple[str, str]], int, int]:
+    """``rows`` minus duplicates of ``already`` (or of each other) and minus held-out texts (normalised match; with
+    ``inside``, a text contained in a held-out one counts too): (kept rows, held-out dropped, duplicates dropped)."""
+    held = [normalise(t) for t in held_out]
+    held_set = set(held)
+    seen = {normalise(t) for t in already}
+    kept, in_held, dup = [], 0, 0
+    for text, attr in rows:
+        n = normalise(text)
+        if n in seen:
+            dup += 1
+        elif n in held_set or (inside and any(n in h for h in held)):
+            in_held += 1
+        else:
+            seen.add(n)
+            kept.append((text, attr))
+    return kept, in_held, dup
+
+
 def sst2_phrases(min_words: int, held_out: list[str], already: list[str]) -> tuple[list[tuple[str, str]], dict]:
     """SST-2 training phrases with >= ``min_words`` words, none inside a held-out sentence or equal to a kept text."""
     rows = _tsv(SHARED / "sentiment" / "sst2_alps" / "train.tsv", header=True)
     long = [(r[0].strip(), "positive" if r[1] == "1" else "negative") for r in rows if len(r[0].split()) >= min_words]
-    held = [normalise(t) for t in held_out]
-    seen = {normalise(t) for t in already}
-    kept, inside, dup = [], 0, 0
-    for text, attr in long:
-        n = normalise(text)
-        if n in seen:
-            dup += 1
-        elif any(n in h for h in held):
-            inside += 1
-        else:
-            seen.add(n)
-            kept.append((text, attr))
+    kept, inside, dup = added_texts(long, held_out, already, inside=True)
     return kept, {"sst2_phrases": len(long), "inside_held_out": inside, "duplicates": dup, "added": len(kept)}
 
 
@@ -92,18 +102,7 @@ def topic() -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
 def agnews_descriptions(held_out: list[str], already: list[str]) -> tuple[list[tuple[str, str]], dict]:
     """AG News descriptions from alps' dev split, none equal to a held-out text or to a kept text (normalised)."""
     rows = [(r[0].strip(), _ALPS_TOPIC[r[1]]) for r in _tsv(SHARED / "topic" / "agnews_alps" / "dev.tsv", header=False)]
-    held = {normalise(t) for t in held_out}
-    seen = {normalise(t) for t in already}
-    kept, in_held, dup = [], 0, 0
-    for text, attr in rows:
-        n = normalise(text)
-        if n in held:
-            in_held += 1
-        elif n in seen:
-            dup += 1
-        else:
-            seen.add(n)
-            kept.append((text, attr))
+    kept, in_held, dup = added_texts(rows, held_out, already, inside=False)
     return kept, {"agnews_dev": len(rows), "in_held_out": in_held, "duplicates": dup, "added": len(kept)}
 
 
