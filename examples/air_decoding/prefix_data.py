@@ -146,25 +146,22 @@ def main() -> None:
         write(out / f"{task}_gate.jsonl", gate)
         report[task] = {**info, "train": len(train), "eval": len(eval_idx), "gate": len(gate)}
         print(task, report[task], flush=True)
+        # the "_plus" variant: more training text, the same eval and gate sets, so the two compare directly
         if task == "sentiment":
             held = [t for t, _ in gate] + [r[0] for r in _tsv(SHARED / "sentiment" / "sst2_alps" / "dev.tsv", True)]
             held += [rows[i][0] for i in eval_idx]
             extra, info = sst2_phrases(a.min_phrase_words, held, [t for t, _ in rows])
-            plus = train + extra
-            write(out / "sentiment_plus_train.jsonl", [plus[i] for i in rng.permutation(len(plus))])
-            write(out / "sentiment_plus_eval.jsonl", [rows[i] for i in sorted(eval_idx)])
-            write(out / "sentiment_plus_gate.jsonl", gate)
-            report["sentiment_plus"] = {**info, "train": len(plus), "eval": len(eval_idx), "gate": len(gate)}
-            print("sentiment_plus", report["sentiment_plus"], flush=True)
-        if task == "topic":
+        elif task == "topic":
             held = [t for t, _ in gate] + [rows[i][0] for i in eval_idx]
-            extra, info = agnews_descriptions(held, [train_row[0] for train_row in train])
-            plus = train + extra
-            write(out / "topic_plus_train.jsonl", [plus[i] for i in rng.permutation(len(plus))])
-            write(out / "topic_plus_eval.jsonl", [rows[i] for i in sorted(eval_idx)])
-            write(out / "topic_plus_gate.jsonl", gate)
-            report["topic_plus"] = {**info, "train": len(plus), "eval": len(eval_idx), "gate": len(gate)}
-            print("topic_plus", report["topic_plus"], flush=True)
+            extra, info = agnews_descriptions(held, [t for t, _ in train])
+        else:
+            continue
+        plus = train + extra
+        write(out / f"{task}_plus_train.jsonl", [plus[i] for i in rng.permutation(len(plus))])
+        write(out / f"{task}_plus_eval.jsonl", [rows[i] for i in sorted(eval_idx)])
+        write(out / f"{task}_plus_gate.jsonl", gate)
+        report[f"{task}_plus"] = {**info, "train": len(plus), "eval": len(eval_idx), "gate": len(gate)}
+        print(f"{task}_plus", report[f"{task}_plus"], flush=True)
     (out / "prefix_data.json").write_text(json.dumps(report, indent=2))
 
 
