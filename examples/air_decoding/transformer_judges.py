@@ -21,7 +21,7 @@ The defaults are the recipes of the recorded judges (`RECIPES`), so a rerun rebu
 Each writes `runs/judges/<task>/` (a transformers checkpoint, safetensors, fp32, with `judge_result.json`: held-out
 accuracy, sizes, overlap removed), swapped in whole when finished. Training checkpoints go to
 `runs/judges/<task>_checkpoints/`. Rerunning skips a finished judge; `--resume` continues a stopped one from its
-newest checkpoint.
+newest checkpoint, and refuses a checkpoint that another recipe wrote (`recipe.json` beside the checkpoints).
 """
 
 from __future__ import annotations
@@ -167,8 +167,19 @@ def main() -> None:
 
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok),
                       compute_metrics=accuracy)  # fmt: skip
+    # a checkpoint only continues the run that wrote it: resuming another recipe's checkpoint would silently mix them
+    recipe = {"epochs": a.epochs, "train_limit": a.train_limit, "max_length": a.max_length}
+    recipe_file = Path(args.output_dir) / "recipe.json"
+    last = get_last_checkpoint(args.output_dir) if a.resume and Path(args.output_dir).is_dir() else None
+    if last is not None:
+        written = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
+        if written != recipe:
+            raise SystemExit(f"{last} was written by the recipe {written}, not {recipe}: rerun with that recipe's "
+                             f"--epochs/--train_limit/--max_length, or delete {args.output_dir} to start afresh")
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(args.output_dir) if a.resume else None)
+    trainer.train(resume_from_checkpoint=last)
     metrics = trainer.evaluate(test)
     tmp = out.with_name(out.name + ".tmp")
     trainer.save_model(str(tmp))
