@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,13 @@ def stage_gate(task: str, a) -> None:
     result = {"prefixes": str(folder)}
     for split in ("eval", "gate"):
         rows = [json.loads(x) for x in (RUNS / "prefix_data" / f"{task}_{split}.jsonl").open()]
+        if a.gate_sample and a.gate_sample < len(rows):  # a preview: the same share of every attribute, seeded
+            rng = random.Random(a.seed)
+            by_attr = {}
+            for r in rows:
+                by_attr.setdefault(r["attribute"], []).append(r)
+            rows = [r for group in by_attr.values()
+                    for r in rng.sample(group, round(a.gate_sample * len(group) / len(rows)))]  # fmt: skip
         texts = [r["text"] for r in rows]
         ll = prefix_log_likelihoods(am, tok, texts, max_length=63)  # (K, N); 63 text tokens, as trained
         # + 1 per text: the start token's prediction of the first token
@@ -155,6 +163,7 @@ def stage_gate(task: str, a) -> None:
                          "token_nll": float(-ll[y, torch.arange(len(rows))].sum() / tokens)}  # fmt: skip
         print(split, result[split], flush=True)
     name = run_name(task, a) + (f"_{folder.name}" if a.prefixes else "")
+    name += f"_n{a.gate_sample}" if a.gate_sample else ""
     (OUT / f"protocol_gate_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -492,6 +501,8 @@ def main() -> None:
                     "generatively trained prefixes)")
     ap.add_argument("--prefixes", default=None, help="gate: this prefix folder (e.g. a checkpoint) instead of "
                     "runs/prefixes/<task>[_<variant>]")
+    ap.add_argument("--gate_sample", type=int, default=None, help="gate: a seeded sample of about this many texts "
+                    "per split, stratified by attribute (a quick preview; the result file's name says so)")
     ap.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="generate: Air-Decoding at these λ only (in the sweep or not), weighted decoding at "
                     "those of its sweep (plain always); later runs add the rest")
