@@ -280,6 +280,7 @@ def stage_collapse(task: str, a, reps: int = 2000) -> dict:
     """The attribute-collapse comparison from the per-text scores (no model runs): weighted decoding at its most
     accurate λ against Air-Decoding at the smallest λ that is at least as accurate, paired over prompts (the same
     prompts and seeds): a bootstrap over prompts of the ratio of median perplexities and of the accuracy difference.
+    ``equal_perplexity``: every weighted λ against the Air-Decoding λ of nearest median perplexity, the same way.
     """
     name = run_name(task, a)
     table = {(r["method"], r["strength"]): r for r in json.loads((OUT / f"protocol_results_{name}.json").read_text())["rows"]}
@@ -305,11 +306,26 @@ def stage_collapse(task: str, a, reps: int = 2000) -> dict:
     pa = float(np.median([v[0] for q in prompts for v in pair[0][q]]))
     pw = float(np.median([v[0] for q in prompts for v in pair[1][q]]))
     pp = float(np.median([v[0] for q in prompts for v in by_prompt[("plain", 0.0)][q]]))
+    # the other reading of the same curves: at equal fluency, which method steers more? Each weighted λ against the
+    # Air-Decoding λ whose median perplexity is nearest, paired over prompts the same way
+    equal_ppl = []
+    for wr in sorted(weighted, key=lambda r: r["strength"]):
+        ar = min(air, key=lambda r: abs(math.log(r["ppl_median"] / wr["ppl_median"])))
+        pair_eq = (by_prompt[("air", ar["strength"])], by_prompt[("weighted", wr["strength"])])
+        boot = [paired_stats(pair_eq, [prompts[i] for i in rng.integers(0, len(prompts), len(prompts))], None)
+                for _ in range(reps)]  # fmt: skip
+        acc_a, acc_w, diff, r = paired_stats(pair_eq, prompts, None)
+        equal_ppl.append({
+            "weighted_strength": wr["strength"], "air_strength": ar["strength"], "accuracy_weighted": acc_w,
+            "accuracy_air": acc_a, "accuracy_weighted_minus_air": [diff, *np.quantile([b[2] for b in boot], [0.025, 0.975]).tolist()],
+            "ppl_median_ratio_weighted_over_air": [r, *np.quantile([b[3] for b in boot], [0.025, 0.975]).tolist()],
+        })  # fmt: skip
     out = {
         "weighted": {"strength": w["strength"], "accuracy": aw, "ppl_median": pw, "ppl_median_vs_plain": pw / pp},
         "air": {"strength": match["strength"], "accuracy": aa, "ppl_median": pa, "ppl_median_vs_plain": pa / pp},
         "ppl_median_ratio_weighted_over_air": [pw / pa, *np.quantile(ratio, [0.025, 0.975]).tolist()],
         "accuracy_weighted_minus_air": [aw - aa, *np.quantile(dacc, [0.025, 0.975]).tolist()],
+        "equal_perplexity": equal_ppl,
         "prompts": len(prompts), "reps": reps,
     }  # fmt: skip
     (OUT / f"protocol_collapse_{name}.json").write_text(json.dumps(out, indent=2) + "\n")
