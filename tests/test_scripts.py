@@ -199,6 +199,13 @@ def test_train_prefixes_early_stopping_min_epochs_and_threshold(tmp_path, capsys
         return state["global_step"]
 
     assert steps_run(tmp_path / "a") == 2
+    # rerunning a converged run trains nothing (it only reruns the gate, if asked); a larger patience resumes it
+    capsys.readouterr()
+    assert steps_run(tmp_path / "a", "--resume_from_checkpoint", "last") == 2
+    assert "converged at step 2 (early stopping) and its best prefixes are saved" in capsys.readouterr().out
+    # (Trainer does not restore callback state by default, so the new patience counts from the resumed step: 3, 4)
+    assert steps_run(tmp_path / "a", "--resume_from_checkpoint", "last", "--early_stopping_patience", "2") == 4
+    assert "resuming from" in capsys.readouterr().out
     assert steps_run(tmp_path / "b", "--early_stopping_min_epochs", "2") == 12  # step 12 ends epoch 2
     # a learning rate that lowers the held-out loss at every step: only improvements below the threshold stop it
     assert steps_run(tmp_path / "d", "--num_train_epochs", "1", lr="1e-2") == 6

@@ -6,7 +6,8 @@
 Options are `TrainPrefixesScriptArguments` (the base model, the data files, early stopping, the quality gate) and
 every field of `AttributePrefixConfig` under its `TrainingArguments` name. Long runs: `--save_strategy steps
 --save_steps N` writes resumable checkpoints; `--resume_from_checkpoint last` (or a checkpoint folder) continues a
-stopped run where it left off. Training to convergence: `--eval_data held_out.jsonl --eval_strategy steps
+stopped run where it left off; on a run that already converged (early stopping fired, best prefixes saved) it trains
+nothing and only runs the gate. Training to convergence: `--eval_data held_out.jsonl --eval_strategy steps
 --eval_steps N --save_steps N --early_stopping_patience 3` stops when the held-out loss stops improving and keeps the
 best prefixes.
 """
@@ -94,6 +95,21 @@ def _early_stopping(patience: int, min_epochs: float, threshold: float = 0.0):
     return MinEpochsEarlyStopping(early_stopping_patience=patience, early_stopping_threshold=threshold)
 
 
+def _converged_at(checkpoint: str | None, patience: int | None) -> int | None:
+    """The step at which a run stopped by the early-stopping criterion with this `patience`, read from its newest
+    checkpoint (the patience counter is saved with every checkpoint, after the evaluation that set it); None if it
+    did not (a larger patience, or none, continues training)."""
+    if patience is None or checkpoint is None or not (Path(checkpoint) / "trainer_state.json").is_file():
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    for saved in (state.get("stateful_callbacks") or {}).values():
+        for entry in saved if isinstance(saved, list) else [saved]:
+            counter = (entry.get("attributes") or {}).get("early_stopping_patience_counter")
+            if counter is not None and counter >= patience:
+                return int(state["global_step"])
+    return None
+
+
 def main(argv: Sequence[str]) -> int:
     """Entry point of `hf-collapse train-prefixes`."""
     from datasets import load_dataset
@@ -123,15 +139,25 @@ def main(argv: Sequence[str]) -> int:
     if resume == "last":
         from transformers.trainer_utils import get_last_checkpoint
 
+        from ..modeling.attribute_prefixes import CHECKPOINT_INDEX
+
         resume = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-        print(f"resuming from {resume}" if resume else f"no checkpoint in {config.output_dir}: starting afresh")
+        converged = _converged_at(resume, script_args.early_stopping_patience)
+        if converged is not None and not (Path(config.output_dir) / CHECKPOINT_INDEX).is_file():
+            converged = None  # stopped before its best prefixes were saved: resuming stops at the next evaluation
+        print(f"the run in {config.output_dir} converged at step {converged} (early stopping) and its best prefixes "
+              "are saved: not training again" if converged is not None else f"resuming from {resume}" if resume
+              else f"no checkpoint in {config.output_dir}: starting afresh")  # fmt: skip
+    else:
+        converged = None
     tok = AutoTokenizer.from_pretrained(script_args.model)
     model = AutoModelForCausalLM.from_pretrained(script_args.model)
-    trainer = AttributePrefixTrainer(model=model, args=config, train_dataset=ds, eval_dataset=eval_ds,
-                                     processing_class=tok, callbacks=callbacks)  # fmt: skip
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
-    print(f"saved attribute prefixes {config.attributes} to {config.output_dir}")
+    if converged is None:
+        trainer = AttributePrefixTrainer(model=model, args=config, train_dataset=ds, eval_dataset=eval_ds,
+                                         processing_class=tok, callbacks=callbacks)  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(config.output_dir)
+        print(f"saved attribute prefixes {config.attributes} to {config.output_dir}")
     if script_args.gate_data is None:
         return 0
     from ..evals.prefix_gate import prefix_gate
