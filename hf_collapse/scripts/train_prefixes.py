@@ -144,7 +144,7 @@ def main(argv: Sequence[str]) -> int:
         resume = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
         converged = _converged_at(resume, script_args.early_stopping_patience)
         if converged is not None and not (Path(config.output_dir) / CHECKPOINT_INDEX).is_file():
-            converged = None  # stopped before its best prefixes were saved: resuming stops at the next evaluation
+            converged = None  # killed before its best prefixes were saved: resume, until the criterion fires again
         print(f"the run in {config.output_dir} converged at step {converged} (early stopping) and its best prefixes "
               "are saved: not training again" if converged is not None else f"resuming from {resume}" if resume
               else f"no checkpoint in {config.output_dir}: starting afresh")  # fmt: skip
