@@ -296,13 +296,16 @@ def stage_collapse(task: str, a, reps: int = 2000) -> dict:
     pair = (by_prompt[("air", match["strength"])], by_prompt[("weighted", w["strength"])])
     prompts = sorted(pair[1])
     rng = np.random.default_rng(a.seed)
-    ratio, dacc = [], []
-    for _ in range(reps):
-        sample = [prompts[i] for i in rng.integers(0, len(prompts), len(prompts))]
-        _, _, diff, r = paired_stats(pair, sample, None)
-        ratio.append(r)
-        dacc.append(diff)
-    aa, aw, _, _ = paired_stats(pair, prompts, None)
+
+    def paired(p) -> tuple[float, float, list[float], list[float]]:
+        """Accuracies (air, weighted), then [point, lo, hi] of weighted − air accuracy and of the perplexity ratio."""
+        boot = [paired_stats(p, [prompts[i] for i in rng.integers(0, len(prompts), len(prompts))], None)
+                for _ in range(reps)]  # fmt: skip
+        acc_a, acc_w, diff, r = paired_stats(p, prompts, None)
+        return acc_a, acc_w, [diff, *np.quantile([b[2] for b in boot], [0.025, 0.975]).tolist()], [
+            r, *np.quantile([b[3] for b in boot], [0.025, 0.975]).tolist()]  # fmt: skip
+
+    aa, aw, dacc, ratio = paired(pair)
     pa = float(np.median([v[0] for q in prompts for v in pair[0][q]]))
     pw = float(np.median([v[0] for q in prompts for v in pair[1][q]]))
     pp = float(np.median([v[0] for q in prompts for v in by_prompt[("plain", 0.0)][q]]))
@@ -311,20 +314,15 @@ def stage_collapse(task: str, a, reps: int = 2000) -> dict:
     equal_ppl = []
     for wr in sorted(weighted, key=lambda r: r["strength"]):
         ar = min(air, key=lambda r: abs(math.log(r["ppl_median"] / wr["ppl_median"])))
-        pair_eq = (by_prompt[("air", ar["strength"])], by_prompt[("weighted", wr["strength"])])
-        boot = [paired_stats(pair_eq, [prompts[i] for i in rng.integers(0, len(prompts), len(prompts))], None)
-                for _ in range(reps)]  # fmt: skip
-        acc_a, acc_w, diff, r = paired_stats(pair_eq, prompts, None)
-        equal_ppl.append({
-            "weighted_strength": wr["strength"], "air_strength": ar["strength"], "accuracy_weighted": acc_w,
-            "accuracy_air": acc_a, "accuracy_weighted_minus_air": [diff, *np.quantile([b[2] for b in boot], [0.025, 0.975]).tolist()],
-            "ppl_median_ratio_weighted_over_air": [r, *np.quantile([b[3] for b in boot], [0.025, 0.975]).tolist()],
-        })  # fmt: skip
+        acc_a, acc_w, diff, r = paired((by_prompt[("air", ar["strength"])], by_prompt[("weighted", wr["strength"])]))
+        equal_ppl.append({"weighted_strength": wr["strength"], "air_strength": ar["strength"], "accuracy_weighted": acc_w,
+                          "accuracy_air": acc_a, "accuracy_weighted_minus_air": diff,
+                          "ppl_median_ratio_weighted_over_air": r})  # fmt: skip
     out = {
         "weighted": {"strength": w["strength"], "accuracy": aw, "ppl_median": pw, "ppl_median_vs_plain": pw / pp},
         "air": {"strength": match["strength"], "accuracy": aa, "ppl_median": pa, "ppl_median_vs_plain": pa / pp},
-        "ppl_median_ratio_weighted_over_air": [pw / pa, *np.quantile(ratio, [0.025, 0.975]).tolist()],
-        "accuracy_weighted_minus_air": [aw - aa, *np.quantile(dacc, [0.025, 0.975]).tolist()],
+        "ppl_median_ratio_weighted_over_air": [pw / pa, *ratio[1:]],
+        "accuracy_weighted_minus_air": [aw - aa, *dacc[1:]],
         "equal_perplexity": equal_ppl,
         "prompts": len(prompts), "reps": reps,
     }  # fmt: skip
