@@ -75,7 +75,7 @@ def per_token_loss(model, ids: torch.Tensor, reset_every: int | None, step: int 
         cache, logits = out.cache, out.logits.float()
         if prev is None:
             if start > 0:
-                losses.append(torch.full((ids.shape[0], 1), float("nan")))
+                losses.append(torch.full((ids.shape[0], 1), float("nan"), device=ids.device))
             preds, targets = logits[:, :-1], ids[:, start + 1 : end]
         else:
             preds, targets = torch.cat([prev, logits[:, :-1]], 1), ids[:, start:end]
@@ -138,23 +138,30 @@ def main() -> None:
     p.add_argument("--calibrate_on", choices=["corpus", "speeches"], default="corpus",
                    help="training text the calibration windows come from: this experiment's training corpus, or "
                         "only the speeches (for run_experiment.py's imposed-heads models, which never saw the rest)")
+    p.add_argument("--data_dir", default=None, help="the corpus folder (default: ../shared/data/corpus)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="evaluated in fp32 there (TF32 off), so that CPU and GPU results compare")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(a.device)
 
     from emergent_training import DATA, load_corpus
 
     from hf_collapse import RobustMamba2ForCausalLM, calibrate_decay_scales, calibrate_state_norms
 
-    train_bytes, held_bytes = load_corpus(DATA)
+    data_dir = Path(a.data_dir) if a.data_dir else DATA
+    train_bytes, held_bytes = load_corpus(data_dir)
     if a.calibrate_on == "speeches":
         from run_experiment import load_speeches
 
-        train_bytes = b"\n\n".join(load_speeches(DATA)[0])
+        train_bytes = b"\n\n".join(load_speeches(data_dir)[0])
     need = a.length * a.sequences
     if len(held_bytes) < need:
         raise SystemExit(f"held-out text has {len(held_bytes)} bytes, {need} needed; lower --length or --sequences")
     held = torch.from_numpy(np.frombuffer(held_bytes, dtype=np.uint8).astype(np.int64))
-    seqs = held[:need].view(a.sequences, a.length)
+    seqs = held[:need].view(a.sequences, a.length).to(device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -178,8 +185,9 @@ def main() -> None:
         train_ids = torch.from_numpy(np.frombuffer(train_bytes, dtype=np.uint8).astype(np.int64))
         calib = torch.stack([train_ids[s : s + T] for s in rng.integers(0, len(train_ids) - T, a.calibration_windows)])
         windows = torch.stack([held[s : s + T] for s in rng.integers(0, len(held) - T, a.windows)])
+        calib, windows = calib.to(device), windows.to(device)
         variants = {"none": {}}
-        base = RobustMamba2ForCausalLM.from_pretrained(run / "model").eval()
+        base = RobustMamba2ForCausalLM.from_pretrained(run / "model").to(device).eval()
         variants["state_norm_max"] = {"state_norm_max": calibrate_state_norms(base, calib, every=16),
                                       "state_norm_every": 16}  # fmt: skip
         variants["decay_scale"] = {"decay_scale": calibrate_decay_scales(base, calib)}
@@ -191,7 +199,7 @@ def main() -> None:
         res["in_window_loss"], res["in_window_ci"] = t_interval(per_window.tolist())
         reset, _ = per_token_loss(base, seqs, reset_every=T)
         for name, fields in variants.items():
-            model = RobustMamba2ForCausalLM.from_pretrained(run / "model", **fields).eval()
+            model = RobustMamba2ForCausalLM.from_pretrained(run / "model", **fields).to(device).eval()
             stream, norms = per_token_loss(model, seqs, reset_every=None)
             res["variants"][name] = {"fields": fields if name != "state_norm_max" else "calibrated",
                                      "buckets": bucket_table(stream, reset), "state_norms": norms}  # fmt: skip

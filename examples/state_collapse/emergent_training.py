@@ -16,7 +16,7 @@ addresses, as in run_experiment.py, and every 8th Brown file.
 
 Model (defaults): hidden 128, 2 layers, expand 8, 16 heads × 64, state 1024, n_groups 1: 2.1M state elements, far
 above the paper's fit for a 128-token training length. Runs on CPU (fp32; short windows take the quadratic scan) or,
-where one is present, a GPU (bf16). Every `--save_steps` a checkpoint is written (the newest two are kept) and the
+where one is present, a GPU (bf16 unless `--precision fp32`). Every `--save_steps` a checkpoint is written (the newest two are kept) and the
 per-head half-lives of the state, measured on a fixed held-out text, are appended to `<out>/half_lives.jsonl`: the
 trend the issue asks to report if collapse does not emerge.
 """
@@ -114,6 +114,9 @@ def main() -> None:
     p.add_argument("--torch_compile", action="store_true",
                    help="TrainingArguments(torch_compile=True): a training step of the 128-token model took 0.77x the "
                    "eager time on this CPU (1 thread, measured under load; compiling costs ~35 s once per process)")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on a GPU, fp32 on CPU. fp32 on a GPU (TF32 off) continues or repeats a CPU run "
+                   "without changing its arithmetic")  # fmt: skip
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -141,11 +144,15 @@ def main() -> None:
             model.train()
 
     gpu = torch.cuda.is_available()
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and gpu)
+    if gpu and not bf16:  # TF32 would round fp32 products to 10-bit mantissas, unlike the CPU runs it continues
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=a.batch, num_train_epochs=1, learning_rate=a.lr,
         weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=0.02, max_grad_norm=1.0, logging_steps=50,
         save_steps=a.save_steps, save_total_limit=2, seed=a.seed, data_seed=a.seed, report_to="none",
-        use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0, disable_tqdm=True, torch_compile=a.torch_compile,
+        use_cpu=not gpu, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, torch_compile=a.torch_compile,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[HalfLives()])
     last = get_last_checkpoint(str(out))
