@@ -124,6 +124,24 @@ def add_paired_vs_none(variants: dict) -> None:
             b["vs_none"], b["vs_none_ci"] = t_interval(paired)
 
 
+def paired_across_runs(results: dict, reference: str) -> dict[str, list[tuple[float, float]]]:
+    """Per (run, mitigation) and bucket: its streamed loss minus the reference run's unmitigated streamed loss, paired
+    over sequences (every run streams the same held-out sequences). For models trained differently on the same
+    tokens, e.g. a model trained on short windows with a mitigation against the control trained on longer ones."""
+    ref = results[reference]["variants"]["none"]["buckets"]
+    out = {}
+    for run, res in results.items():
+        if not all("stream_per_seq" in b for v in res["variants"].values() for b in v["buckets"]):
+            print(f"{run}: its result file predates per-sequence losses; left out of the comparison across runs")
+            continue
+        for name, v in res["variants"].items():
+            if run == reference and name == "none":
+                continue
+            out[f"{run}, {name}"] = [t_interval([x - y for x, y in zip(b["stream_per_seq"], b0["stream_per_seq"])])
+                                     for b, b0 in zip(v["buckets"], ref)]  # fmt: skip
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True)
@@ -141,7 +159,12 @@ def main() -> None:
     p.add_argument("--data_dir", default=None, help="the corpus folder (default: ../shared/data/corpus)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="evaluated in fp32 there (TF32 off), so that CPU and GPU results compare")
+    p.add_argument("--compare_to", default=None, metavar="RUN",
+                   help="name of one of --runs (e.g. t1024_dtmin, the longer-trained control): adds every run's "
+                   "streamed loss minus this run's unmitigated streamed loss, paired over the same sequences")  # fmt: skip
     a = p.parse_args()
+    if a.compare_to is not None and a.compare_to not in [Path(r).name for r in a.runs]:
+        raise SystemExit(f"--compare_to {a.compare_to!r} is not one of the --runs ({[Path(r).name for r in a.runs]})")
     torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -178,7 +201,7 @@ def main() -> None:
             print(run.name, f"{cached} has other settings ({res.get('settings')}): evaluating again", flush=True)
         if not (run / "run_args.json").is_file():
             raise SystemExit(f"{run}: no run_args.json, and no reusable {cached} (--reuse, same settings): restore "
-                             "the run (examples/unfinished_runs/README.md) or leave it out of --runs")
+                             "the run (finished models: examples/state_collapse/emergent/models/) or leave it out of --runs")
         args = json.loads((run / "run_args.json").read_text())
         T = args["train_length"]
         rng = np.random.default_rng(0)
@@ -210,7 +233,9 @@ def main() -> None:
         tmp.write_text(json.dumps(res, indent=2))
         tmp.replace(cached)
         results[run.name] = res
-    (out / "emergent_eval.json").write_text(json.dumps(results, indent=2))
+    across = paired_across_runs(results, a.compare_to) if a.compare_to else None
+    payload = dict(results, **({"paired_across_runs": across} if across else {}))
+    (out / "emergent_eval.json").write_text(json.dumps(payload, indent=2))
     lines = []
     for run, res in results.items():
         variants = res["variants"]
@@ -225,6 +250,13 @@ def main() -> None:
                       "± 95% t-interval):")
             lines += table(variants, ["", paired, ""], lambda b: f"{b['vs_none']:+.4f} ± {b['vs_none_ci']:.4f}",
                            mitigations)  # fmt: skip
+        lines.append("")
+    if across:
+        positions = [b["positions"] for b in results[a.compare_to]["variants"]["none"]["buckets"]]
+        lines += [f"### Across runs: streamed loss minus {a.compare_to}'s unmitigated streamed loss on the same "
+                  "sequences (nats/byte, paired over sequences, ± 95% t-interval)", "",
+                  "| run, mitigation | " + " | ".join(positions) + " |", "|---|" + "---|" * len(positions)]  # fmt: skip
+        lines += [f"| {row} | " + " | ".join(f"{m:+.4f} ± {h:.4f}" for m, h in cells) + " |" for row, cells in across.items()]
         lines.append("")
     text = "Streamed loss minus the same tokens' loss with the state reset every T_train (nats/byte; mean over "
     text += f"{a.sequences} held-out sequences ± 95% t-interval)\n\n" + "\n".join(lines)
