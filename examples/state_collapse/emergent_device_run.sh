@@ -8,7 +8,8 @@
 # comes back as a resumable checkpoint (`emergent_training.py` resumes from the newest one in --out).
 #
 # Ran on 2026-11-29 as below, then again with `BUDGET=540 COMPILE= JOBS=t1024_dtmin` (eager: the compiled 1024-token
-# run failed in inductor); logs in examples/state_collapse/emergent/*_gpu*.log and *_s1_train.log. The runs are
+# run failed in inductor), then with `BUDGET=280 TRAIN_END=215 JOBS=t128_s1` on the device time left; logs in
+# examples/state_collapse/emergent/*_gpu*.log and *_s1_train.log. The runs are
 # finished and their models committed under examples/state_collapse/emergent/models/, so the inputs this script reads
 # from examples/unfinished_runs/emergent are only in git history now: `git checkout cc9cbca -- examples/unfinished_runs`.
 #
@@ -23,7 +24,8 @@
 # Environment (for a dry run on CPU): BUDGET (seconds for everything, default 560), TRAIN_EXTRA / EVAL_EXTRA (more
 # arguments for the two scripts), PY (python3), COMPILE (default --torch_compile; empty: eager, since torch 2.11's
 # inductor fails on the 1024-token chunked scan on the GPU: "InductorError: TypeError: list indices must be integers"),
-# JOBS (default "t1024_dtmin t128_dtmin_s1 t128_dtmin": which of the three to run).
+# JOBS (default "t1024_dtmin t128_dtmin_s1 t128_dtmin"; also t128_s1, the default-initialised model's second seed),
+# TRAIN_END / EVAL_END (seconds after the start at which training / evaluation stop).
 set -u
 OUT=${OUT:-/tmp/emergent_device_out}
 BUDGET=${BUDGET:-560}
@@ -32,8 +34,8 @@ TRAIN_EXTRA=${TRAIN_EXTRA:-}
 COMPILE=${COMPILE---torch_compile}
 JOBS=${JOBS:-t1024_dtmin t128_dtmin_s1 t128_dtmin}
 EVAL_EXTRA=${EVAL_EXTRA:---length 65536 --sequences 8}
-TRAIN_END=$((BUDGET - 170))  # training stops here: leaves time for an evaluation (~1-2 min) and the packing
-EVAL_END=$((BUDGET - 25))
+TRAIN_END=${TRAIN_END:-$((BUDGET - 170))}  # training stops here: leaves time for an evaluation and the packing
+EVAL_END=${EVAL_END:-$((BUDGET - 25))}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=8
 mkdir -p "$OUT"
 C=/tmp/emergent_corpus R=/tmp/emergent_runs
@@ -67,6 +69,7 @@ for job in $JOBS; do
     case $job in
     t1024_dtmin) train_then_evaluate t1024_dtmin --train_length 1024 --batch 2 --seed 0 --time_step_min 1e-4 ;;
     t128_dtmin_s1) train_then_evaluate t128_dtmin_s1 --train_length 128 --seed 1 --time_step_min 1e-4 ;;
+    t128_s1) train_then_evaluate t128_s1 --train_length 128 --seed 1 ;;
     t128_dtmin) evaluate t128_dtmin ;;
     esac > "$OUT/$job.log" 2>&1 &
 done
