@@ -16,8 +16,8 @@ addresses, as in run_experiment.py, and every 8th Brown file.
 
 Model (defaults): hidden 128, 2 layers, expand 8, 16 heads × 64, state 1024, n_groups 1: 2.1M state elements, far
 above the paper's fit for a 128-token training length. Runs on CPU (fp32; short windows take the quadratic scan) or,
-where one is present, a GPU (bf16 unless `--precision fp32`). Every `--save_steps` a checkpoint is written (the newest two are kept) and the
-per-head half-lives of the state, measured on a fixed held-out text, are appended to `<out>/half_lives.jsonl`: the
+where one is present, a GPU (bf16 unless `--precision fp32`). Every `--save_steps` a checkpoint is written (the newest
+two are kept) and the per-head half-lives of the state, measured on a fixed held-out text, are appended to `<out>/half_lives.jsonl`: the
 trend the issue asks to report if collapse does not emerge.
 """
 
@@ -115,8 +115,8 @@ def main() -> None:
                    help="TrainingArguments(torch_compile=True): a training step of the 128-token model took 0.77x the "
                    "eager time on this CPU (1 thread, measured under load; compiling costs ~35 s once per process)")  # fmt: skip
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 on a GPU, fp32 on CPU. fp32 on a GPU (TF32 off) continues or repeats a CPU run "
-                   "without changing its arithmetic")  # fmt: skip
+                   help="auto: bf16 on a GPU, fp32 on CPU. fp32 on a GPU (TF32 off) keeps a CPU run's precision, "
+                   "to continue or repeat it there (the summation order still differs)")  # fmt: skip
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
