@@ -17,8 +17,8 @@ addresses, as in run_experiment.py, and every 8th Brown file.
 Model (defaults): hidden 128, 2 layers, expand 8, 16 heads × 64, state 1024, n_groups 1: 2.1M state elements, far
 above the paper's fit for a 128-token training length. Runs on CPU (fp32; short windows take the quadratic scan) or,
 where one is present, a GPU (bf16 unless `--precision fp32`). Every `--save_steps` a checkpoint is written (the newest
-two are kept) and the per-head half-lives of the state, measured on a fixed held-out text, are appended to `<out>/half_lives.jsonl`: the
-trend the issue asks to report if collapse does not emerge.
+two are kept) and the per-head half-lives of the state, measured on a fixed held-out text, are appended to
+`<out>/half_lives.jsonl`: the trend the issue asks to report if collapse does not emerge.
 """
 
 from __future__ import annotations
