@@ -271,7 +271,8 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    # one y scale for every run: the panels are read side by side
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False, sharey=True)
     for ax, (run, res) in zip(axes[0], results.items()):
         for name, v in res["variants"].items():
             x = list(range(len(v["buckets"])))
