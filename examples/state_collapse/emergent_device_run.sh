@@ -10,8 +10,8 @@
 # Ran on 2026-11-29 as below, then again with `BUDGET=540 COMPILE= JOBS=t1024_dtmin` (eager: the compiled 1024-token
 # run failed in inductor), then with `BUDGET=280 TRAIN_END=215 JOBS=t128_s1` on the device time left; logs in
 # examples/state_collapse/emergent/*_gpu*.log and *_s1_train.log. The runs are
-# finished and their models committed under examples/state_collapse/emergent/models/, so the inputs this script reads
-# from examples/unfinished_runs/emergent are only in git history now: `git checkout cc9cbca -- examples/unfinished_runs`.
+# finished and their models committed under examples/state_collapse/emergent/models/; the t1024_dtmin checkpoint this
+# script resumed is only in git history now: `git checkout cc9cbca -- examples/unfinished_runs`.
 #
 # Uses data OUTSIDE the repository: ../shared/data/corpus, carried as .devrun/corpus (tinyshakespeare gzipped to fit
 # the 64 MiB transfer):
@@ -41,9 +41,8 @@ mkdir -p "$OUT"
 C=/tmp/emergent_corpus R=/tmp/emergent_runs
 rm -rf $C $R && mkdir -p $C $R
 cp .devrun/corpus/*.zip $C/ && gunzip -c .devrun/corpus/tinyshakespeare.txt.gz > $C/tinyshakespeare.txt || exit 1
-for run in t1024_dtmin t128_dtmin; do
-    [ -d examples/unfinished_runs/emergent/$run ] && cp -r examples/unfinished_runs/emergent/$run $R/
-done
+[ -d examples/unfinished_runs/emergent/t1024_dtmin ] && cp -r examples/unfinished_runs/emergent/t1024_dtmin $R/
+cp -r examples/state_collapse/emergent/models/t128_dtmin $R/  # the finished model, for the evaluation check
 nvidia-smi -L 2>/dev/null
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'cuda', torch.cuda.is_available())"
@@ -78,16 +77,15 @@ wait
 for run in $JOBS; do  # what comes back: ≤ 16 MiB a file
     d=$R/$run
     [ -d "$d" ] || continue
+    last=$(ls -d "$d"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
+    keep=()
     if [ $run = t128_dtmin ]; then  # trained on CPU and committed: only its GPU evaluation comes back
-        keep=()
-    elif [ -d "$d/model" ]; then
+        :
+    elif [ -d "$d/model" ]; then  # finished: the model, and the curve of its last checkpoint
         keep=(model)
-        last=$(ls -d "$d"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
         [ -n "$last" ] && keep+=("${last#$d/}/trainer_state.json")
-    else
-        last=$(ls -d "$d"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
-        keep=()
-        [ -n "$last" ] && keep+=("${last#$d/}")
+    elif [ -n "$last" ]; then  # stopped at the deadline: its newest checkpoint, to resume from
+        keep=("${last#$d/}")
     fi
     for f in half_lives.jsonl run_args.json eval; do [ -e "$d/$f" ] && keep+=("$f"); done
     [ ${#keep[@]} -gt 0 ] && tar czf "$OUT/$run.tgz" -C "$d" "${keep[@]}"
