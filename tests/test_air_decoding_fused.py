@@ -282,6 +282,65 @@ def test_save_writes_only_a_config_and_auto_class_loads_it(gpt2_setup, tmp_path,
     assert_same_steered_output(*runs)
 
 
+def _hub_cache(ckpt, cache_dir, repo_id="org/prefixes", refs=("main", "v1")):
+    """A Hugging Face Hub cache holding ``ckpt`` as ``repo_id``, laid out as ``huggingface_hub`` writes it, so the
+    real ``snapshot_download(local_files_only=True)`` finds it with no network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(ckpt, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_prefixes_load_from_a_hub_repository_id(gpt2_setup, tmp_path):
+    base, ckpt, attr, fused = gpt2_setup
+    snapshot = _hub_cache(ckpt, tmp_path / "hub")
+    hub = {"cache_dir": str(tmp_path / "hub"), "local_files_only": True}
+    from_hub = AttributePrefixModel.from_pretrained(base, "org/prefixes", revision="v1", **hub)
+    assert from_hub.attributes == attr.attributes
+    held = dict(attr.named_buffers())
+    for name, buf in from_hub.named_buffers():  # the per-layer prefix keys/values, exactly
+        if name.startswith("prefix_"):
+            torch.testing.assert_close(buf, held[name], rtol=0, atol=0)
+    # the fused model records the repository id and revision, never the cache path, so a saved folder travels
+    model = AirDecodingForCausalLM.from_base(base, "org/prefixes", revision="v1", **hub)
+    assert model.prefixes_dir == snapshot
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    model.config.base_model_name_or_path = str(base_dir)
+    model.save_pretrained(tmp_path / "fused")
+    cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert cfg["prefixes"] == "org/prefixes" and cfg["prefixes_revision"] == "v1"
+    loaded = AirDecodingForCausalLM.from_pretrained(tmp_path / "fused", **hub)
+    assert loaded.prefixes_dir == snapshot and loaded.prefixes_repo_id == "org/prefixes"
+    runs = [
+        generate_steered(m, AirDecodingLogitsProcessor(m, "positive", 140.0), PADDED, PADDED_MASK, do_sample=False)
+        for m in (fused, loaded)
+    ]
+    assert_same_steered_output(*runs)
+    # a local checkpoint saved beside it records a path and no revision
+    local = AirDecodingForCausalLM.from_base(base, ckpt, base_model_name_or_path=str(base_dir))
+    local.save_pretrained(tmp_path / "fused_local")
+    cfg = json.loads((tmp_path / "fused_local" / "config.json").read_text())
+    assert cfg["prefixes"] == str(ckpt) and cfg.get("prefixes_revision") is None
+
+
+def test_missing_prefixes_name_what_was_tried(gpt2_setup, tmp_path):
+    base = gpt2_setup[0]
+    hub = {"cache_dir": str(tmp_path / "hub"), "local_files_only": True}
+    with pytest.raises(FileNotFoundError, match=r"'org/missing' is not a local folder, and fetching it from the Hub"):
+        AttributePrefixModel.from_pretrained(base, "org/missing", **hub)
+    with pytest.raises(FileNotFoundError, match=r"not a folder, and not a valid Hub repository id"):
+        AttributePrefixModel.from_pretrained(base, str(tmp_path / "no" / "such" / "prefixes"), **hub)
+    with pytest.raises(FileNotFoundError, match="fetching it from the Hub failed"):
+        AirDecodingForCausalLM.from_base(base, "org/missing", **hub)
+    _hub_cache(gpt2_setup[1], tmp_path / "hub", refs=("main",))
+    with pytest.raises(FileNotFoundError, match="fetching it from the Hub failed"):  # no such revision cached
+        AttributePrefixModel.from_pretrained(base, "org/prefixes", revision="v2", **hub)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def test_fused_model_as_guide_of_another_generator_raises(gpt2_setup):
     base, _, _, fused = gpt2_setup

@@ -30,6 +30,7 @@ DATASETS = {"sentiment": ["cornell-movie-review-data/rotten_tomatoes"], "topic":
             "topic_plus": ["fancyzhx/ag_news"]}  # fmt: skip
 GATE_MIN = 0.80  # issue 10's quality gate for prefixes
 STRENGTH = {"sentiment": 140.0, "topic": 60.0, "detox": 120.0}  # official; index: default_strength
+PROMPT = {"sentiment": "The movie", "topic": "In summary", "detox": "The man said"}  # the card's usage example
 GATE_SET = {"sentiment": "SST-2 test (the GLUE dev sentences)", "topic": "AG News test",
             "detox": "the held-out Jigsaw fifth"}  # fmt: skip
 
@@ -145,6 +146,7 @@ def main() -> None:
         attributes=", ".join(attributes),
         example_target=attributes[0],
         example_strength=STRENGTH[a.task],
+        example_prompt=PROMPT[a.task],
         model_description=(
             f"Prefix length {index['num_virtual_tokens']}; every training text started with `{START}`, which "
             "`AttributePrefixModel` puts before every prompt itself (`attribute_prefixes.json` records it as "

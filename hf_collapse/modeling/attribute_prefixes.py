@@ -5,7 +5,8 @@ every layer's attention of one frozen causal LM. One prefix per attribute turns 
 LMs. Training (``hf_collapse.trainers.attribute_prefix``) and decoding (``hf_collapse.processors``) both build on
 what lives here, so neither depends on the other:
 
-* the checkpoint format: its constants, :func:`write_attribute_prefixes` and :func:`read_attribute_prefixes`;
+* the checkpoint format: its constants, :func:`write_attribute_prefixes`, :func:`read_attribute_prefixes` and
+  :func:`locate_attribute_prefixes` (a folder or a Hub repository id);
 * the prefix geometry :class:`PrefixShape` and PEFT's flat layout (:func:`flat_prefix_to_layers`);
 * :func:`prefixed_forward`, the only code that runs the base LM under per-row prefixes (prefix mask columns, PEFT's
   position convention, the prefix cache);
@@ -76,6 +77,7 @@ __all__ = [
     "prefix_cache",
     "prefixed_forward",
     "prefixed_positions",
+    "locate_attribute_prefixes",
     "read_attribute_prefixes",
     "save_attribute_prefixes",
     "validate_attribute_names",
@@ -586,6 +588,62 @@ def check_prefix_shape(shape: PrefixShape, base_model: PreTrainedModel) -> None:
             f"{shape.num_heads} key/value heads x {shape.head_dim} dims, {name} needs {expected.num_layers} x "
             f"{expected.num_heads} x {expected.head_dim}. Load them with the base model they were trained on."
         )
+
+
+def locate_attribute_prefixes(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """The local folder of an attribute-prefix checkpoint given as a folder or as a Hub repository id.
+
+    A folder is returned as it is. Anything else is taken as a Hub repository id (``"org/name"``) and fetched with
+    ``huggingface_hub.snapshot_download`` into the usual Hub cache, only the files the format has (the index, each
+    attribute's ``adapter_config.json`` and ``adapter_model.safetensors``, the card), or found in that cache when
+    ``local_files_only`` is set or ``HF_HUB_OFFLINE=1``.
+
+    Args:
+        name_or_path: a checkpoint folder, or a Hub repository id.
+        revision: the Hub branch, tag or commit (default: the default branch).
+        token: the Hub token, as ``huggingface_hub`` takes it.
+        cache_dir: the Hub cache to use instead of the default one.
+        local_files_only: never reach the network; use the Hub cache only.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is neither a folder nor a Hub repository that could be fetched (the
+            Hub's own error is chained, and its message repeated).
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    repo_id = str(name_or_path)
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=[CHECKPOINT_INDEX, f"*/{ADAPTER_CONFIG}", f"*/{ADAPTER_WEIGHTS}", MODEL_CARD],
+        )
+    except HFValidationError as err:  # e.g. "prefixes/typo" that is no folder and no valid repository id
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a folder, and not a valid Hub repository id either ({err}). Pass the folder of an "
+            f"attribute-prefix checkpoint (the one holding {CHECKPOINT_INDEX}) or a Hub id such as 'org/name'."
+        ) from err
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as err:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder, and fetching it from the Hub failed: {type(err).__name__}: {err}. "
+            "Check the repository id, the revision and your token; without network access, download it once "
+            "(huggingface_hub.snapshot_download) or pass a local folder."
+        ) from err
+    return Path(folder)
 
 
 def read_attribute_prefixes(checkpoint_dir: str | os.PathLike) -> AttributePrefixCheckpoint:

@@ -35,6 +35,7 @@ from ..modeling.attribute_prefixes import (
     PrefixShape,
     flat_prefix_to_layers,
     layers_to_flat_prefix,
+    locate_attribute_prefixes,
     prefix_cache,
     prefixed_forward,
     prefixed_positions,
@@ -123,15 +124,36 @@ class AttributePrefixModel(HeldPrefixesMixin, nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, base_model: PreTrainedModel | str, checkpoint_dir: str | Path, tokenizer=None, **model_kwargs
+        cls,
+        base_model: PreTrainedModel | str,
+        checkpoint_dir: str | Path,
+        tokenizer=None,
+        *,
+        revision: str | None = None,
+        **model_kwargs,
     ) -> AttributePrefixModel:
         """Load an attribute-prefix checkpoint (``AttributePrefixTrainer.save_model``, ``write_attribute_prefixes``).
 
-        ``base_model`` is a loaded causal LM, or a name/path passed to ``AutoModelForCausalLM.from_pretrained``.
-        The start token the prefixes were trained with is applied from the checkpoint's index; ``tokenizer`` is
-        only needed for checkpoints that record it as text alone. The index's ``default_strength``, when present,
-        becomes :attr:`default_strength`.
+        Args:
+            base_model: a loaded causal LM, or a name/path passed to ``AutoModelForCausalLM.from_pretrained``.
+            checkpoint_dir: the checkpoint folder, or a Hub repository id (``"hf-collapse/smollm2-135m-topic-prefixes"``),
+                fetched into the Hub cache (``locate_attribute_prefixes``).
+            tokenizer: only for checkpoints that record their start token as text alone (to look its id up).
+            revision: the Hub branch, tag or commit of ``checkpoint_dir`` (a Hub id only).
+            model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` when ``base_model`` is a name;
+                ``token``, ``cache_dir`` and ``local_files_only`` also apply to fetching the prefixes.
+
+        The start token the prefixes were trained with is applied from the checkpoint's index. The index's
+        ``default_strength``, when present, becomes :attr:`default_strength`.
+
+        Raises:
+            FileNotFoundError: ``checkpoint_dir`` is no checkpoint folder and no Hub repository that could be fetched.
+            ValueError: the checkpoint is malformed, or its prefixes do not fit ``base_model``.
         """
+        checkpoint_dir = locate_attribute_prefixes(
+            checkpoint_dir, revision=revision, token=model_kwargs.get("token"),
+            cache_dir=model_kwargs.get("cache_dir"), local_files_only=bool(model_kwargs.get("local_files_only")),
+        )  # fmt: skip
         # read (and validate) the checkpoint before the possibly slow base model load
         ckpt = read_attribute_prefixes(checkpoint_dir)
         start_id = resolve_start_token_id(ckpt.index, tokenizer, checkpoint_dir)

@@ -36,7 +36,7 @@ class GenerateScriptArguments:
     """Generate text steered toward an attribute with Air-Decoding. Prompts are the positional arguments."""
 
     model: str = field(metadata={"help": "Generating causal LM (name or path)."})
-    prefixes: str = field(metadata={"help": "Attribute-prefix checkpoint directory (from train-prefixes)."})
+    prefixes: str = field(metadata={"help": "Attribute-prefix checkpoint: a folder (from train-prefixes) or a Hub repository id."})
     attribute: str = field(metadata={"help": "Target attribute."})
     strength: float | None = field(
         default=None,

@@ -27,7 +27,10 @@ class AirDecodingConfig(PretrainedConfig):
         prefixes (`str`, *optional*):
             The attribute-prefix checkpoint folder (`attribute_prefixes.json` + one PEFT adapter per attribute).
             `save_pretrained` stores it relative to the saved folder when it lies inside it (so the folder can be
-            moved as a whole), else as an absolute path. A relative path is resolved against the saved folder.
+            moved as a whole), else as an absolute path. A relative path is resolved against the saved folder. A
+            Hub repository id (prefixes loaded from the Hub) is recorded as it is and fetched again at load time.
+        prefixes_revision (`str`, *optional*):
+            The Hub branch, tag or commit of `prefixes` when it is a Hub repository id (default: the default branch).
         kwargs:
             Passed to [`~transformers.PretrainedConfig`].
 
@@ -42,10 +45,17 @@ class AirDecodingConfig(PretrainedConfig):
 
     model_type = "air_decoding"
 
-    def __init__(self, base_model_name_or_path: str | None = None, prefixes: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        base_model_name_or_path: str | None = None,
+        prefixes: str | None = None,
+        prefixes_revision: str | None = None,
+        **kwargs: Any,
+    ):
         # a keyword close to one of this config's own fields is a typo; PretrainedConfig's own keys pass through
         check_known_fields("AirDecodingConfig", [k for k in kwargs if not hasattr(PretrainedConfig, k)],
-                           ["base_model_name_or_path", "prefixes"])  # fmt: skip
+                           ["base_model_name_or_path", "prefixes", "prefixes_revision"])  # fmt: skip
         self.base_model_name_or_path = None if base_model_name_or_path is None else str(base_model_name_or_path)
         self.prefixes = None if prefixes is None else str(prefixes)
+        self.prefixes_revision = None if prefixes_revision is None else str(prefixes_revision)
         super().__init__(**kwargs)

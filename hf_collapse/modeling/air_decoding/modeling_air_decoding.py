@@ -66,6 +66,7 @@ from ..attribute_prefixes import (
     HeldPrefixesMixin,
     PrefixShape,
     check_prefix_shape,
+    locate_attribute_prefixes,
     prefixed_positions,
     read_attribute_prefixes,
     resolve_start_token_id,
@@ -200,6 +201,8 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
         prefixes: attribute name -> PEFT's ``prompt_embeddings`` ``(P, num_layers * 2 * token_dim)``.
         shape: the prefix geometry; must fit ``base_model`` (``check_prefix_shape``).
         prefixes_dir: the checkpoint folder the prefixes came from (recorded by :meth:`save_pretrained`).
+        prefixes_repo_id: the Hub repository the prefixes were fetched from, when they were (``prefixes_dir`` is
+            then its copy in the Hub cache): :meth:`save_pretrained` records the repository id, not the cache path.
         start_token_id: the token every training text started with (recorded in the checkpoint by
             ``AttributePrefixTrainer``); it is put between each prefix and every prompt, and a prompt's own copy is
             hidden from the prefix rows, exactly as ``AttributePrefixModel`` does.
@@ -229,6 +232,7 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
         shape: PrefixShape,
         prefixes_dir: str | os.PathLike | None = None,
         start_token_id: int | None = None,
+        prefixes_repo_id: str | None = None,
     ):
         super().__init__(config)
         attributes = list(prefixes)
@@ -252,6 +256,7 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
         self.model = base_model
         self.model.requires_grad_(False).eval()
         self.prefixes_dir = None if prefixes_dir is None else Path(os.path.abspath(prefixes_dir))
+        self.prefixes_repo_id = prefixes_repo_id
         # generate() reads pad/eos/max_length defaults from here: those of the base model
         self.generation_config = copy.deepcopy(base_model.generation_config)
         # the same held prefixes (start token baked in) as AttributePrefixModel, so both paths condition alike
@@ -273,25 +278,38 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
         prefixes_dir: str | os.PathLike,
         base_model_name_or_path: str | None = None,
         tokenizer: Any = None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
     ) -> AirDecodingForCausalLM:
         """Wrap a loaded base model and an attribute-prefix checkpoint (shapes checked before anything runs).
 
         Args:
             base_model: the causal LM the prefixes were trained on (its weights are shared, not copied).
-            prefixes_dir: the attribute-prefix checkpoint folder.
+            prefixes_dir: the attribute-prefix checkpoint folder, or a Hub repository id, fetched into the Hub cache
+                (``locate_attribute_prefixes``); the config then records the id (and ``revision``), not the cache.
             base_model_name_or_path: what :meth:`save_pretrained` records as the base model; by default the base
                 model's ``name_or_path``.
             tokenizer: only for checkpoints that record their start token as text alone (to look its id up).
+            revision, token, cache_dir, local_files_only: for a Hub repository id, as ``huggingface_hub`` takes them.
 
         Raises:
+            FileNotFoundError: ``prefixes_dir`` is no checkpoint folder and no Hub repository that could be fetched.
             ValueError: the prefixes do not fit ``base_model`` (another model's prefixes), or the base model has
                 sliding-window layers.
         """
-        ckpt = read_attribute_prefixes(prefixes_dir)
-        start_id = resolve_start_token_id(ckpt.index, tokenizer, prefixes_dir)
+        local = locate_attribute_prefixes(prefixes_dir, revision=revision, token=token, cache_dir=cache_dir,
+                                          local_files_only=local_files_only)  # fmt: skip
+        repo_id = None if Path(prefixes_dir).is_dir() else str(prefixes_dir)
+        ckpt = read_attribute_prefixes(local)
+        start_id = resolve_start_token_id(ckpt.index, tokenizer, local)
         name = base_model_name_or_path or getattr(base_model, "name_or_path", None) or None
-        config = AirDecodingConfig(base_model_name_or_path=name, prefixes=str(prefixes_dir))
-        return cls(config, base_model, ckpt.prefixes, ckpt.shape, prefixes_dir=prefixes_dir, start_token_id=start_id)
+        config = AirDecodingConfig(base_model_name_or_path=name, prefixes=repo_id or str(local),
+                                   prefixes_revision=revision if repo_id else None)  # fmt: skip
+        return cls(config, base_model, ckpt.prefixes, ckpt.shape, prefixes_dir=local, start_token_id=start_id,
+                   prefixes_repo_id=repo_id)  # fmt: skip
 
     @classmethod
     def from_pretrained(
@@ -327,6 +345,12 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
         if not config.base_model_name_or_path:
             raise ValueError(f"{folder / CONFIG_NAME} names no base model ('base_model_name_or_path')")
         prefixes_dir = _resolve(folder, config.prefixes)
+        # a prefix checkpoint recorded as a Hub repository id is fetched (or found in the Hub cache)
+        repo_id = None if Path(prefixes_dir).is_dir() else config.prefixes
+        prefixes_dir = locate_attribute_prefixes(
+            prefixes_dir, revision=config.prefixes_revision, token=kwargs.get("token"),
+            cache_dir=kwargs.get("cache_dir"), local_files_only=bool(kwargs.get("local_files_only")),
+        )  # fmt: skip
         base_ref = _resolve(folder, config.base_model_name_or_path)
         if Path(os.path.abspath(base_ref)) == Path(os.path.abspath(folder)):
             raise ValueError(f"{folder} names itself as its base model")
@@ -337,7 +361,8 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
         if isinstance(base_model, AirDecodingForCausalLM):
             raise ValueError(f"the base model of {folder} is itself an AirDecodingForCausalLM ({base_ref})")
         config = copy.deepcopy(config)
-        return cls(config, base_model, ckpt.prefixes, ckpt.shape, prefixes_dir=prefixes_dir, start_token_id=start_id)
+        return cls(config, base_model, ckpt.prefixes, ckpt.shape, prefixes_dir=prefixes_dir, start_token_id=start_id,
+                   prefixes_repo_id=repo_id)  # fmt: skip
 
     def save_pretrained(self, save_directory: str | os.PathLike, model_card: Any = None, **kwargs: Any) -> None:
         """Write ``config.json`` (and a short ``README.md`` when the folder has none), never the base weights.
@@ -365,10 +390,14 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
         target = Path(os.path.abspath(save_directory))
         config = copy.deepcopy(self.config)
         config.architectures = [type(self).__name__]
-        try:
-            config.prefixes = self.prefixes_dir.relative_to(target).as_posix()
-        except ValueError:  # not inside the folder
-            config.prefixes = str(self.prefixes_dir)
+        if self.prefixes_repo_id is not None:  # fetched from the Hub: the id travels, the cache path would not
+            config.prefixes = self.prefixes_repo_id
+        else:
+            try:
+                config.prefixes = self.prefixes_dir.relative_to(target).as_posix()
+            except ValueError:  # not inside the folder
+                config.prefixes = str(self.prefixes_dir)
+            config.prefixes_revision = None
         has_card = (target / MODEL_CARD).exists()
 
         def write(tmp: str) -> None:
@@ -396,7 +425,6 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
             num_virtual_tokens=self.shape.num_virtual_tokens,
             example_target=self.attributes[0],
         )
-
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
