@@ -300,9 +300,8 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
             ValueError: the prefixes do not fit ``base_model`` (another model's prefixes), or the base model has
                 sliding-window layers.
         """
-        local = locate_attribute_prefixes(prefixes_dir, revision=revision, token=token, cache_dir=cache_dir,
+        local, repo_id = _locate_prefixes(prefixes_dir, revision=revision, token=token, cache_dir=cache_dir,
                                           local_files_only=local_files_only)  # fmt: skip
-        repo_id = None if Path(prefixes_dir).is_dir() else str(prefixes_dir)
         ckpt = read_attribute_prefixes(local)
         start_id = resolve_start_token_id(ckpt.index, tokenizer, local)
         name = base_model_name_or_path or getattr(base_model, "name_or_path", None) or None
@@ -344,11 +343,8 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
             raise ValueError(f"{folder / CONFIG_NAME} names no prefix checkpoint ('prefixes')")
         if not config.base_model_name_or_path:
             raise ValueError(f"{folder / CONFIG_NAME} names no base model ('base_model_name_or_path')")
-        prefixes_dir = _resolve(folder, config.prefixes)
-        # a prefix checkpoint recorded as a Hub repository id is fetched (or found in the Hub cache)
-        repo_id = None if Path(prefixes_dir).is_dir() else config.prefixes
-        prefixes_dir = locate_attribute_prefixes(
-            prefixes_dir, revision=config.prefixes_revision, token=kwargs.get("token"),
+        prefixes_dir, repo_id = _locate_prefixes(
+            _resolve(folder, config.prefixes), revision=config.prefixes_revision, token=kwargs.get("token"),
             cache_dir=kwargs.get("cache_dir"), local_files_only=bool(kwargs.get("local_files_only")),
         )  # fmt: skip
         base_ref = _resolve(folder, config.base_model_name_or_path)
@@ -643,6 +639,14 @@ class AirDecodingForCausalLM(HeldPrefixesMixin, PreTrainedModel, GenerationMixin
             return super().generate(*args, **kwargs)
         finally:
             self.forget_step()
+
+
+def _locate_prefixes(ref: str | os.PathLike, **hub: Any) -> tuple[Path, str | None]:
+    """The prefix checkpoint's local folder, and its Hub repository id when it is one (fetched or found in the Hub
+    cache by ``locate_attribute_prefixes``), which :meth:`AirDecodingForCausalLM.save_pretrained` records instead of
+    the cache path."""
+    repo_id = None if Path(ref).is_dir() else str(ref)
+    return locate_attribute_prefixes(ref, **hub), repo_id
 
 
 def _resolve(folder: Path, ref: str) -> str:
